@@ -1,0 +1,82 @@
+"""The request/event/result types shared by the engine, the launcher and the CLI.
+
+The CLI builds an `AskRequest`, calls `apb_core.ask.run_ask(request, on_event)` and renders the `Event`s it
+receives (progress, streamed tokens) and the `AskResult`s it returns. Everything here is plain data so it
+can cross process boundaries (pickled through multiprocessing queues).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Method = Literal["apb", "star", "full"]
+
+
+@dataclass
+class AskRequest:
+    """One `apb ask` invocation: a document, one or more questions, and how to run them."""
+
+    document: str  # the document text (already read and decoded)
+    questions: list[str]
+    model: str | None = None  # local HF dir, .gguf file, or None for the embedded default model
+    method: Method = "apb"
+    hosts: int = 2
+    device: str = "cpu"  # "cpu" or "cuda"
+    anchor_len: int | None = None  # None: the default table (apb_core.layout.default_lengths)
+    passing_len: int | str | None = None  # int, "all", or None for the default
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    truncate: Literal["none", "middle", "end"] = "none"
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
+    threads: int | None = None  # CPU threads per worker; None: cores // hosts
+
+
+@dataclass
+class Event:
+    """Something a worker reports while it runs.
+
+    kind: "phase" (a phase starts/ends: name in `phase`), "progress" (done/total within `phase`, e.g. layers of
+    prefill, tokens of decode), "token" (streamed answer text in `text`, for question `question`), "log".
+    """
+
+    kind: str
+    rank: int = 0
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    text: str = ""
+    question: int = 0
+
+
+@dataclass
+class HostStats:
+    rank: int
+    block_tokens: int  # local context tokens this host keeps (exact KV)
+    anchor_tokens: int
+    passing_tokens: int  # tokens received in the passing block (per KV head), summed over layers' width
+    prefill_s: float
+
+
+@dataclass
+class AskResult:
+    """The answer to one question with its measurements (the `--json` object is built from this)."""
+
+    question: str
+    answer: str
+    model: str
+    method: str
+    hosts: int
+    device: str
+    prompt_tokens: int
+    context_tokens: int
+    generated_tokens: int
+    anchor_len: int
+    passing_len: int | str
+    timings: dict[str, float]  # load_s, tokenize_s, prefill_s, decode_s, total_s
+    prefill_tokens_per_s: float
+    host_stats: list[HostStats] = field(default_factory=list)
+    truncated: bool = False
