@@ -1,0 +1,45 @@
+"""Worker bodies for the multi-process engine tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import torch
+from dist_utils import tiny_model
+
+from apb_core.engine import HostEngine
+from apb_core.generate import Job, run_job
+from apb_core.methods import resolve_method
+from apb_core.prompt import Prompt
+
+
+def answer(rank, hosts, kind, context_ids, query_ids, methods, question_ids=(), insert_at=0, probe_ids=()):
+    """Run each (method, anchor_len, passing_len) on this host; returns [(first_logits, tokens)]."""
+    engine = HostEngine(tiny_model(kind), rank, hosts)
+    prompt = Prompt(list(context_ids), list(query_ids), list(question_ids), list(probe_ids), insert_at)
+    out = []
+    for name, anchor_len, passing_len in methods:
+        method = resolve_method(name, len(context_ids), hosts, anchor_len, passing_len)
+        result = run_job(engine, Job(prompt, method, max_new_tokens=16), tokenizer=None)
+        out.append((result.first_logits, result.token_ids, result.passing_tokens))
+    return out
+
+
+def decode_merge(rank, hosts, seed):
+    """Fill each host's cache with its slice of shared random K/V and run one decode attention."""
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, d, n, s = 4, 2, 8, 23, 3
+    q = torch.randn(1, hq, s, d, generator=g)
+    k_all = torch.randn(1, hkv, n, d, generator=g)
+    v_all = torch.randn(1, hkv, n, d, generator=g)
+    k_new = torch.randn(1, hkv, s, d, generator=g)
+    v_new = torch.randn(1, hkv, s, d, generator=g)
+    engine = HostEngine(tiny_model("llama"), rank, hosts)
+    bounds = torch.linspace(0, n, hosts + 1).long().tolist()
+    lo, hi = bounds[rank], bounds[rank + 1]
+    from apb_core.cache import HostCache
+
+    engine.cache = HostCache(1, hkv, d, hi - lo + s, torch.float32, "cpu")
+    engine.cache.write(0, 0, k_all[:, :, lo:hi], v_all[:, :, lo:hi])
+    engine.cache.length = hi - lo
+    engine.phase = "decode"
+    out = engine._decode_attention(0, q, k_new, v_new, scale=d**-0.5)
+    return out, (q, k_all, v_all, k_new, v_new)
