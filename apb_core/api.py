@@ -33,6 +33,10 @@ class AskRequest:
     truncate: Literal["none", "middle", "end"] = "none"
     dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
     threads: int | None = None  # CPU threads per worker; None: cores // hosts
+    allow_pickle: bool = False
+    compressor: str = "query_aware"  # query_aware | retaining_heads | random
+    retaining_heads: str | None = None  # safetensors file of Locret-style heads (compressor retaining_heads)
+    question_in_anchor: bool = True
 
 
 @dataclass

@@ -112,6 +112,9 @@ class HostEngine:
         self.passing = PassingSpec()
         self.counts: list[int] = []
         self.on_layer: Callable[[int], None] | None = None
+        # prefill attention strategy: (engine, layer, q, k, v, scale) -> out; APB by default. Baselines (ring,
+        # Ulysses) plug in here with their own plans; the cache write and decode stay the same.
+        self.prefill_op: Callable[..., torch.Tensor] = apb_prefill_op
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.passing_received = 0
         use_apb_attention(model)
@@ -186,14 +189,9 @@ class HostEngine:
         return out
 
     def _prefill_attention(self, layer, q, k, v, scale) -> torch.Tensor:
-        plan = self.plan
-        a, n = plan.anchor_len, plan.block_len
+        a, n = self.plan.anchor_len, self.plan.block_len
         self.cache.write(layer, 0, k[:, :, a : a + n], v[:, :, a : a + n])
-        k_pass = v_pass = None
-        if self.hosts > 1 and self.passing.active:
-            k_sel, v_sel = self._compress(layer, q, k, v, scale)
-            k_pass, v_pass = exchange_passing(k_sel, v_sel, self.counts, self.rank, self.group)
-        return apb_attention(q, k, v, a, k_pass, v_pass, scale)
+        return self.prefill_op(self, layer, q, k, v, scale)
 
     def _compress(self, layer, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """This host's selected K|V, [B, Hkv, slot, D] each, padded to the largest host's count."""
@@ -249,6 +247,15 @@ class HostEngine:
         gathered = all_gather_packed(packed, self.hosts, self.group)  # [H, B, Hq, s, D+1]
         merged, _ = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
         return merged.to(q.dtype)
+
+
+def apb_prefill_op(engine: HostEngine, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    """APB prefill attention of one layer: compress, all-gather the passing block, APB-mask attention."""
+    k_pass = v_pass = None
+    if engine.hosts > 1 and engine.passing.active:
+        k_sel, v_sel = engine._compress(layer, q, k, v, scale)
+        k_pass, v_pass = exchange_passing(k_sel, v_sel, engine.counts, engine.rank, engine.group)
+    return apb_attention(q, k, v, engine.plan.anchor_len, k_pass, v_pass, scale)
 
 
 def exact_barrier(group=None) -> None:
