@@ -1,0 +1,65 @@
+"""The embedded model (SmolLM2-135M-Instruct GGUF) through run_ask: H = 2 APB answers a planted fact."""
+
+import random
+
+import pytest
+
+from apb_core.api import AskRequest
+from apb_core.ask import run_ask
+from apb_core.errors import InputError
+
+SENTENCES = [
+    "The river bends twice before it reaches the old mill.",
+    "Farmers in the valley grow barley, beans and a little rye.",
+    "In winter the road over the pass is closed for weeks.",
+    "The library keeps its maps in long flat drawers.",
+    "A bell in the square rings every hour from dawn to dusk.",
+    "Travellers often stop at the inn for bread and soup.",
+    "The school was rebuilt after the flood of the spring.",
+    "Sheep graze on the high meadows during the summer months.",
+]
+FACT = "The secret passcode for the north archive is 7481."
+QUESTION = "What is the secret passcode for the north archive?"
+
+
+def haystack(sentences: int, depth: float = 0.45, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    body = [rng.choice(SENTENCES) for _ in range(sentences)]
+    body.insert(int(len(body) * depth), FACT)
+    return " ".join(body)
+
+
+@pytest.fixture(scope="module")
+def document() -> str:
+    return haystack(270)  # about 3K tokens with the SmolLM2 tokenizer
+
+
+def test_apb_two_hosts_answers_planted_fact(document):
+    [result] = run_ask(AskRequest(document=document, questions=[QUESTION], hosts=2, method="apb",
+                                  max_new_tokens=24))
+    assert 2500 <= result.context_tokens <= 3600
+    assert "7481" in result.answer
+    assert result.hosts == 2 and result.method == "apb"
+    assert result.anchor_len > 0 and result.passing_len > 0
+    assert [h.passing_tokens for h in result.host_stats] == [0, result.passing_len]
+
+
+def test_prompt_longer_than_window_is_one_clear_error():
+    long_doc = haystack(1200)
+    with pytest.raises(InputError) as err:
+        run_ask(AskRequest(document=long_doc, questions=[QUESTION], hosts=1, max_new_tokens=8))
+    message = str(err.value)
+    assert "8192" in message and "--truncate" in message
+
+
+@pytest.mark.parametrize("mode", ["middle", "end"])
+def test_truncate_fits_the_window_and_keeps_the_right_part(mode):
+    from apb_core import model as models
+    from apb_core.prompt import build_prompt
+
+    tokenizer = models.load_tokenizer(models.resolve_model(None))
+    long_doc = haystack(1200) + " The final sentence is here."
+    prompt = build_prompt(tokenizer, long_doc, QUESTION, window=8192, reserve=16, truncate=mode)
+    assert prompt.truncated and prompt.total_len + 16 == 8192
+    tail = tokenizer.decode(prompt.context_ids[-8:])
+    assert ("final sentence" in tail) == (mode == "middle")
