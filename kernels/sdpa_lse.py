@@ -18,6 +18,7 @@ import os
 import torch
 
 _FORCE = os.environ.get("APB_ATTN_BACKEND", "")  # "math" forces the plain path (debugging)
+SMALL_QUERY = 64  # rows (after GQA grouping) up to which the CPU uses plain matmuls
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,13 @@ def attention_with_lse(
         return q.new_zeros(b, hq, sq, v.shape[-1]), q.new_full((b, hq, sq), float("-inf"), dtype=torch.float32)
     if _FORCE == "math":
         return _math(q, k, v, causal, scale)
+    groups = hq // k.shape[1]
+    if not causal and groups > 1:
+        # GQA without copying K/V: the g query heads of each KV head become g·Sq rows of one head.
+        out, lse = attention_with_lse(q.reshape(b, k.shape[1], groups * sq, d), k, v, False, scale)
+        return out.reshape(b, hq, sq, -1), lse.reshape(b, hq, sq)
+    if not causal and sq <= SMALL_QUERY and q.device.type == "cpu":
+        return _math(q, k, v, False, scale)  # decode: a GEMV; the flash kernel's tiling only costs here
     ke, ve = _expand_kv(q, k, v)
     if q.device.type == "cuda":
         try:
