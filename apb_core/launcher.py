@@ -13,6 +13,7 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,13 @@ def in_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def default_start_method(device: str) -> str:
+    """fork on CPU (workers start in milliseconds, with torch and transformers already imported: this process
+    runs no torch compute, the GGUF conversion happens in its own process), spawn for CUDA (a CUDA context
+    does not survive fork)."""
+    return "fork" if device == "cpu" and sys.platform.startswith("linux") else "spawn"
+
+
 class Workers:
     """H worker processes that keep their model loaded across jobs. Use as a context manager."""
 
@@ -41,7 +49,7 @@ class Workers:
                  start_method: str | None = None) -> None:
         self.spec, self.hosts = spec, hosts
         self.on_event = on_event or (lambda e: None)
-        method = start_method or os.environ.get("APB_START_METHOD") or "spawn"
+        method = start_method or os.environ.get("APB_START_METHOD") or default_start_method(spec.device)
         self.ctx = mp.get_context(method)
         self.procs: list[mp.process.BaseProcess] = []
         self.load_s: list[float] = [0.0] * hosts

@@ -335,7 +335,7 @@ def prepared_dir(source: ModelSource) -> Path:
             shutil.rmtree(target, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".tmp-{sha16}-"))
         try:
-            convert_gguf(source.path, tmp)
+            _convert_in_child(source.path, tmp)
             (tmp / "apb-source.json").write_text(
                 json.dumps({"gguf": str(source.path), "name": source.name, "converted_unix": time.time()})
                 + "\n"
@@ -352,6 +352,35 @@ def prepared_dir(source: ModelSource) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _convert_child(gguf_path: Path, out_dir: Path, errors) -> None:
+    try:
+        convert_gguf(gguf_path, out_dir)
+    except BaseException as exc:  # report as one line to the parent
+        errors.put(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}" if not isinstance(exc, ApbError)
+                   else str(exc))
+        raise SystemExit(1) from None
+    errors.put("")
+
+
+def _convert_in_child(gguf_path: Path, out_dir: Path) -> None:
+    """Convert in a spawned process so the caller never runs torch compute: it can then fork CPU workers
+    safely (OpenMP thread pools do not survive fork), and the GGUF's de-quantised copy is freed at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    proc = ctx.Process(target=_convert_child, args=(gguf_path, out_dir, errors), name="apb-convert")
+    proc.start()
+    try:
+        proc.join()
+    except BaseException:
+        proc.kill()
+        raise
+    message = errors.get() if not errors.empty() else f"exit code {proc.exitcode}"
+    if proc.exitcode != 0 or message:
+        raise ApbError(f"converting {gguf_path.name} failed: {message or f'exit code {proc.exitcode}'}")
 
 
 # GGUF metadata value types (gguf spec): fixed sizes of the scalar ones; 8 = string, 9 = array.

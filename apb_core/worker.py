@@ -76,6 +76,7 @@ def worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str, jobs,
     from apb_core.api import Event
     from apb_core.generate import run_job
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         device = device_for(spec, rank)
         events.put(("event", Event("phase", rank=rank, phase="load")))
