@@ -1,4 +1,5 @@
-"""`apb ask` as a library call: read options, tokenize, run the hosts, and report answers with timings."""
+"""`apb ask` as a library: a Session keeps the tokenizer and the hosts (with their models) alive across
+questions and documents; `run_ask` answers one request's questions with one model load per worker."""
 
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ from apb_core.worker import WorkerSpec, device_for, init_group, load_host
 
 
 class InlineHost:
-    """Run the engine in this process: one host (no spawn cost), or one torchrun rank."""
+    """Run the engine in this process: one host (no start-up cost at all), or one torchrun rank."""
 
     def __init__(self, spec: WorkerSpec, on_event: Callable[[Event], None]) -> None:
         self.rank = int(os.environ.get("RANK", "0")) if in_torchrun() else 0
         self.hosts = int(os.environ.get("WORLD_SIZE", "1")) if in_torchrun() else 1
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.spec = spec
         self.on_event = on_event if self.rank == 0 else (lambda e: None)
-        device = device_for(spec, local)
-        init_group(self.rank, self.hosts, device, "env://")
-        self.engine, self.tokenizer, load_s = load_host(spec, self.rank, self.hosts, device)
-        self.load_s = [load_s]
 
     def __enter__(self) -> InlineHost:
+        device = device_for(self.spec, int(os.environ.get("LOCAL_RANK", "0")))
+        init_group(self.rank, self.hosts, device, "env://")
+        self.engine, self.tokenizer, load_s = load_host(self.spec, self.rank, self.hosts, device)
+        self.load_s = [load_s]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -45,71 +46,98 @@ def default_threads(hosts: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, hosts))
 
 
+class Session:
+    """Tokenizer + H hosts with the model loaded once; `answer()` any number of (document, question) pairs.
+
+    `request` supplies the model, hosts, device and defaults; its document/questions are not used here.
+    """
+
+    def __init__(self, request: AskRequest, on_event: Callable[[Event], None] | None = None) -> None:
+        from apb_core import model as models
+
+        self.request = request
+        self.emit = on_event or (lambda e: None)
+        self.hosts = int(os.environ.get("WORLD_SIZE", "1")) if in_torchrun() else request.hosts
+        if self.hosts < 1:
+            raise InputError(f"--hosts must be at least 1 (got {self.hosts})")
+        self.emit(Event("phase", phase="tokenize"))
+        t0 = time.perf_counter()
+        self.source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
+        self.tokenizer = models.load_tokenizer(self.source)
+        self.window = models.model_window(models.load_config(self.source))
+        self.eos = _eos_ids(self.tokenizer)
+        self.setup_s = time.perf_counter() - t0
+        spec = WorkerSpec(
+            model=request.model, device=request.device, dtype=request.dtype,
+            threads=request.threads or (default_threads(self.hosts) if request.device == "cpu" else None),
+            allow_pickle=request.allow_pickle, retaining_heads=request.retaining_heads,
+        )
+        self.runner = InlineHost(spec, self.emit) if self.hosts == 1 or in_torchrun() else Workers(
+            spec, self.hosts, self.emit)
+        self.load_s = 0.0
+
+    def __enter__(self) -> Session:
+        self.emit(Event("phase", phase="load"))
+        t0 = time.perf_counter()
+        self.runner.__enter__()
+        self.load_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.__exit__(*exc)
+
+    def answer(self, document: str, question: str, index: int = 0, answer_prefix: str = "",
+               t_start: float | None = None, **overrides) -> AskResult:
+        """Answer one question; `overrides` replace request fields (method, anchor_len, passing_len, ...)."""
+        req = self.request
+        opt = {f: overrides.get(f, getattr(req, f)) for f in (
+            "method", "anchor_len", "passing_len", "compressor", "question_in_anchor", "seed", "max_new_tokens",
+            "temperature", "top_p", "stop", "truncate")}
+        if not question.strip():
+            raise InputError("the question is empty")
+        t0 = time.perf_counter()
+        self.emit(Event("phase", phase="tokenize", question=index))
+        prompt = build_prompt(self.tokenizer, document, question, self.window, opt["max_new_tokens"],
+                              opt["truncate"], answer_prefix)
+        method = resolve_method(opt["method"], prompt.context_len, self.hosts, opt["anchor_len"],
+                                opt["passing_len"], opt["compressor"], opt["question_in_anchor"], opt["seed"])
+        tokenize_s = time.perf_counter() - t0 + (self.setup_s if index == 0 else 0.0)
+        self.emit(Event("phase", phase="prefill", question=index))
+        job = Job(prompt, method, opt["max_new_tokens"], opt["temperature"], opt["top_p"], opt["seed"],
+                  list(opt["stop"]), self.eos, index=index)
+        per_host = self.runner.run(job)
+        lead = per_host[0]
+        start = t_start if t_start is not None else t0
+        return AskResult(
+            question=question, answer=lead.answer.strip(), model=self.source.name, method=method.name,
+            hosts=self.hosts, device=req.device, prompt_tokens=prompt.total_len,
+            context_tokens=prompt.context_len, generated_tokens=len(lead.token_ids),
+            anchor_len=method.anchor_len, passing_len=method.passing_len,
+            timings={
+                "load_s": self.load_s, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
+                "decode_s": lead.decode_s, "total_s": time.perf_counter() - start,
+            },
+            prefill_tokens_per_s=prompt.context_len / max(lead.prefill_s, 1e-9),
+            host_stats=[
+                HostStats(r, h.block_tokens, h.anchor_tokens, h.passing_tokens, h.host_prefill_s)
+                for r, h in enumerate(per_host)
+            ],
+            truncated=prompt.truncated,
+        )
+
+
 def run_ask(request: AskRequest, on_event: Callable[[Event], None] | None = None) -> list[AskResult]:
     """Answer every question of `request` about its document with one model load per worker."""
-    from apb_core import model as models
-
-    emit = on_event or (lambda e: None)
     t_start = time.perf_counter()
     if not request.questions or any(not q.strip() for q in request.questions):
         raise InputError("the question is empty")
-    hosts = int(os.environ.get("WORLD_SIZE", "1")) if in_torchrun() else request.hosts
-    if hosts < 1:
-        raise InputError(f"--hosts must be at least 1 (got {hosts})")
-
-    emit(Event("phase", phase="tokenize"))
-    t0 = time.perf_counter()
-    source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
-    tokenizer = models.load_tokenizer(source)
-    window = models.model_window(models.load_config(source))
-    reserve = request.max_new_tokens
-    prompts = [
-        build_prompt(tokenizer, request.document, q, window, reserve, request.truncate) for q in request.questions
-    ]
-    methods = [
-        resolve_method(request.method, p.context_len, hosts, request.anchor_len, request.passing_len,
-                       request.compressor, request.question_in_anchor, request.seed)
-        for p in prompts
-    ]
-    eos = _eos_ids(tokenizer)
-    tokenize_s = time.perf_counter() - t0
-
-    spec = WorkerSpec(
-        model=request.model, device=request.device, dtype=request.dtype,
-        threads=request.threads or (default_threads(hosts) if request.device == "cpu" else None),
-        allow_pickle=request.allow_pickle, retaining_heads=request.retaining_heads,
-    )
-    emit(Event("phase", phase="load"))
-    t0 = time.perf_counter()
-    runner = InlineHost(spec, emit) if hosts == 1 or in_torchrun() else Workers(spec, hosts, emit)
-    results: list[AskResult] = []
-    with runner:
-        load_s = time.perf_counter() - t0
-        for i, (question, prompt, method) in enumerate(zip(request.questions, prompts, methods, strict=True)):
-            emit(Event("phase", phase="prefill", question=i))
-            job = Job(prompt, method, request.max_new_tokens, request.temperature, request.top_p, request.seed,
-                      list(request.stop), eos, index=i)
-            per_host = runner.run(job)
-            lead = per_host[0]
-            results.append(
-                AskResult(
-                    question=question, answer=lead.answer.strip(), model=source.name, method=method.name,
-                    hosts=hosts, device=request.device, prompt_tokens=prompt.total_len,
-                    context_tokens=prompt.context_len, generated_tokens=len(lead.token_ids),
-                    anchor_len=method.anchor_len, passing_len=method.passing_len,
-                    timings={
-                        "load_s": load_s, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
-                        "decode_s": lead.decode_s, "total_s": time.perf_counter() - t_start,
-                    },
-                    prefill_tokens_per_s=prompt.context_len / max(lead.prefill_s, 1e-9),
-                    host_stats=[
-                        HostStats(r, h.block_tokens, h.anchor_tokens, h.passing_tokens, h.host_prefill_s)
-                        for r, h in enumerate(per_host)
-                    ],
-                    truncated=prompt.truncated,
-                )
-            )
-    return results
+    session = Session(request, on_event)
+    # tokenize every question first: a prompt that does not fit fails before any worker starts
+    for q in request.questions:
+        build_prompt(session.tokenizer, request.document, q, session.window, request.max_new_tokens,
+                     request.truncate)
+    with session:
+        return [session.answer(request.document, q, i, t_start=t_start) for i, q in enumerate(request.questions)]
 
 
 def _eos_ids(tokenizer) -> list[int]:

@@ -21,11 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Default lengths (paper, section 9: l_a = l_b/4 up to 8K tokens, l_p = l_b/8), where l_b = ceil(n / H):
+# Default lengths (paper, section 9: l_a = l_b/4 up to 8K tokens, l_p = l_b/8), where l_b = ceil(n / H).
+# Short blocks get at least min(l_b/2, 512) passing tokens: small models at a few thousand tokens lost the
+# needle with l_p = l_b/8 (SmolLM2, 3K-token sample, H = 2: l_p 193 wrong, 730 right) and passing tokens only
+# add keys to attention (no QKV/FFN work), so this is the cheapest place to buy quality back.
 #
-# | context n, H       | l_b    | anchor l_a          | passing l_p |
-# |--------------------|--------|---------------------|-------------|
-# | 3.4K, 2 (CPU)      | 1.7K   | 425                 | 212         |
+# | context n, H       | l_b    | anchor l_a          | passing l_p       |
+# |--------------------|--------|---------------------|-------------------|
+# | 3.4K, 2 (CPU)      | 1.7K   | 425                 | 512 (floor)       |
+# | 8K, 4              | 2K     | 512                 | 512 (floor)       |
 # | 32K, 8             | 4K     | 1K                  | 512         |
 # | 128K, 8            | 16K    | 4K                  | 2K          |
 # | 128K, 2            | 64K    | 8K (cap)            | 8K          |
@@ -34,6 +38,7 @@ ANCHOR_FRACTION = 4
 PASSING_FRACTION = 8
 ANCHOR_CAP = 8192
 MIN_ANCHOR = 64
+PASSING_FLOOR = 512
 
 
 def default_lengths(context_len: int, hosts: int) -> tuple[int, int]:
@@ -42,7 +47,7 @@ def default_lengths(context_len: int, hosts: int) -> tuple[int, int]:
         return 0, 0
     block = math.ceil(context_len / hosts)
     anchor = min(max(block // ANCHOR_FRACTION, min(MIN_ANCHOR, block)), ANCHOR_CAP)
-    passing = max(block // PASSING_FRACTION, 1)
+    passing = max(block // PASSING_FRACTION, min(block // 2, PASSING_FLOOR), 1)
     return anchor, passing
 
 
