@@ -96,7 +96,6 @@ class Session:
         if not question.strip():
             raise InputError("the question is empty")
         t0 = time.perf_counter()
-        self.emit(Event("phase", phase="tokenize", question=index))
         prompt = build_prompt(self.tokenizer, document, question, self.window, opt["max_new_tokens"],
                               opt["truncate"], answer_prefix)
         method = resolve_method(opt["method"], prompt.context_len, self.hosts, opt["anchor_len"],

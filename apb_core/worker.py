@@ -54,6 +54,10 @@ def load_host(spec: WorkerSpec, rank: int, hosts: int, device: torch.device):
     from apb_core.engine import HostEngine, register_attention
 
     t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr belongs to apb's own progress display
+    hf_logging.set_verbosity_error()
     if spec.threads and device.type == "cpu":
         torch.set_num_threads(spec.threads)
     dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
