@@ -429,3 +429,6 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+if __name__ == "__main__":  # `python -m apb_cli.main` (torchrun launches it this way)
+    app()
