@@ -258,6 +258,10 @@ def ask(
 def _ask(**opts: Any) -> int:
     """Run `apb ask`; returns the exit code after printing at most one error line."""
     renderer = None
+    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK", "0") != "0":
+        # a torchrun follower: rank 0 reports; the others compute and stay silent (errors still print)
+        opts["quiet"], opts["json_output"] = True, False
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     try:
         options = validate_ask(
             question=opts["question"],
