@@ -43,3 +43,12 @@ def decode_merge(rank, hosts, seed):
     engine.phase = "decode"
     out = engine._decode_attention(0, q, k_new, v_new, scale=d**-0.5)
     return out, (q, k_all, v_all, k_new, v_new)
+
+
+def retaining(rank, hosts, heads_path, context_ids, query_ids):
+    """APB with Locret-style retaining heads loaded from a safetensors file."""
+    engine = HostEngine(tiny_model("llama"), rank, hosts, retaining_heads=heads_path)
+    prompt = Prompt(list(context_ids), list(query_ids), [], [], 0)
+    method = resolve_method("apb", len(context_ids), hosts, 4, 6, scorer="retaining_heads")
+    result = run_job(engine, Job(prompt, method, max_new_tokens=4), tokenizer=None)
+    return result.first_logits, result.passing_tokens
