@@ -16,7 +16,9 @@ import importlib
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -255,7 +257,26 @@ def ask(
         raise typer.Exit(code)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same clean-up (workers stopped) runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def _ask(**opts: Any) -> int:
+    """Run `apb ask` with SIGTERM handled like Ctrl-C (exit 143 instead of 130)."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        return _ask_body(**opts)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _ask_body(**opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ask_body(**opts: Any) -> int:
     """Run `apb ask`; returns the exit code after printing at most one error line."""
     renderer = None
     if os.environ.get("WORLD_SIZE") and os.environ.get("RANK", "0") != "0":
@@ -323,6 +344,8 @@ def _ask(**opts: Any) -> int:
         return 0
     except ApbError as exc:
         return _fail(renderer, _error_line(exc), exc.exit_code)
+    except _Terminated:
+        return _fail(renderer, "apb: terminated", 143)
     except KeyboardInterrupt:
         return _fail(renderer, "apb: interrupted", 130)
     except BrokenPipeError:

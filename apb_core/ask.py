@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable
 
 from apb_core.api import AskRequest, AskResult, Event, HostStats
-from apb_core.errors import InputError
+from apb_core.errors import InputError, WorkerError
 from apb_core.generate import Job, run_job
 from apb_core.launcher import Workers, in_torchrun
 from apb_core.methods import resolve_method
 from apb_core.prompt import build_prompt
-from apb_core.worker import WorkerSpec, device_for, init_group, load_host
+from apb_core.worker import WorkerSpec, describe_oom, device_for, init_group, is_oom, load_host
 
 
 class InlineHost:
@@ -28,7 +28,12 @@ class InlineHost:
     def __enter__(self) -> InlineHost:
         device = device_for(self.spec, int(os.environ.get("LOCAL_RANK", "0")))
         init_group(self.rank, self.hosts, device, "env://")
-        self.engine, self.tokenizer, load_s = load_host(self.spec, self.rank, self.hosts, device)
+        try:
+            self.engine, self.tokenizer, load_s = load_host(self.spec, self.rank, self.hosts, device)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            raise WorkerError(describe_oom(exc, self.rank, self.hosts, None, None)) from None
         self.load_s = [load_s]
         return self
 
@@ -39,7 +44,12 @@ class InlineHost:
             dist.destroy_process_group()
 
     def run(self, job: Job) -> list:
-        return [run_job(self.engine, job, self.tokenizer, emit=self.on_event)]
+        try:
+            return [run_job(self.engine, job, self.tokenizer, emit=self.on_event)]
+        except Exception as exc:  # the same one line as a worker's
+            if not is_oom(exc):
+                raise
+            raise WorkerError(describe_oom(exc, self.rank, self.hosts, job, self.engine)) from None
 
 
 def default_threads(hosts: int) -> int:
@@ -131,10 +141,13 @@ def run_ask(request: AskRequest, on_event: Callable[[Event], None] | None = None
     if not request.questions or any(not q.strip() for q in request.questions):
         raise InputError("the question is empty")
     session = Session(request, on_event)
-    # tokenize every question first: a prompt that does not fit fails before any worker starts
+    # tokenize every question first: a prompt that does not fit (or has fewer tokens than hosts) fails before
+    # any worker starts
     for q in request.questions:
-        build_prompt(session.tokenizer, request.document, q, session.window, request.max_new_tokens,
-                     request.truncate)
+        prompt = build_prompt(session.tokenizer, request.document, q, session.window, request.max_new_tokens,
+                              request.truncate)
+        resolve_method(request.method, prompt.context_len, session.hosts, request.anchor_len, request.passing_len,
+                       request.compressor, request.question_in_anchor, request.seed)
     with session:
         return [session.answer(request.document, q, i, t_start=t_start) for i, q in enumerate(request.questions)]
 

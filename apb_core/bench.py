@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 from apb_core.api import Event
-from apb_core.engine import HostEngine, apb_mask_attention, apb_prefill_op
+from apb_core.attention import apb_attention
+from apb_core.engine import HostEngine, apb_prefill_op
 from apb_core.errors import InputError
 from apb_core.launcher import Workers
 from apb_core.layout import plan_hosts, split_blocks
@@ -57,7 +58,7 @@ from apb_core.passing import exchange_passing
 from apb_core.prompt import Prompt
 from apb_core.ring import ring_pairs, ring_prefill_op, zigzag_plans
 from apb_core.ulysses import block_plans, ulysses_pairs, ulysses_prefill_op
-from apb_core.worker import WorkerSpec, _describe, device_for, init_group, load_host
+from apb_core.worker import WorkerSpec, _describe, _follow_parent, device_for, init_group, is_oom, load_host
 from kernels.apb_mask import apb_pairs
 
 METHODS = ("full", "ring", "ulysses", "allgather", "star", "apb")
@@ -263,7 +264,7 @@ def _timed_op(op: Callable, timer: PhaseTimer) -> Callable:
             with timer.region("all-gather"):
                 k_pass, v_pass = exchange_passing(k_sel, v_sel, engine.counts, engine.rank, engine.group)
         with timer.region("attention"):
-            return apb_mask_attention(q, k, v, engine.plan.anchor_len, k_pass, v_pass, scale)
+            return apb_attention(q, k, v, engine.plan.anchor_len, k_pass, v_pass, scale)
     return timed_apb
 
 
@@ -431,6 +432,9 @@ def bench_worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str,
     """Process entry of a bench worker; speaks the launcher's protocol (ready / event / result / error).
 
     A job is (BenchJob, ModelDims); the result is the pickled list of HostRun."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _follow_parent()  # the launcher's Ctrl-C handling and its death end this worker too
+    length = None
     try:
         device = device_for(spec, rank)
         init_group(rank, hosts, device, init_method)
@@ -441,13 +445,17 @@ def bench_worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str,
             if item is None:
                 break
             job, dims = item
+            length = job.length
             runs = bench_host(engine, job, dims, emit=lambda e: events.put(("event", e)))
             events.put(("result", rank, pickle.dumps(runs)))
     except KeyboardInterrupt:
         return
     except BaseException as exc:  # one line to the parent, which ends the other workers
+        text = _describe(exc)
+        if is_oom(exc):
+            text = f"out of memory on host {rank} of {hosts} at --len {length}: {text}"
         try:
-            events.put(("error", rank, _describe(exc)))
+            events.put(("error", rank, text))
         finally:
             os._exit(1)
     finally:
@@ -461,19 +469,27 @@ class BenchWorkers(Workers):
     WorkerError), running `bench_worker_main` instead of the answer loop."""
 
     def __enter__(self) -> BenchWorkers:
+        import sys
+
         from apb_core.launcher import free_port
 
         self.events = self.ctx.Queue()
         self.jobs = [self.ctx.Queue() for _ in range(self.hosts)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        for rank in range(self.hosts):
-            p = self.ctx.Process(
-                target=bench_worker_main, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
-                name=f"apb-bench-{rank}", daemon=True,
-            )
-            p.start()
-            self.procs.append(p)
-        for rank, load_s in self._collect("ready").items():
+        try:  # as Workers: a failure while starting must not leave workers behind
+            for rank in range(self.hosts):
+                p = self.ctx.Process(
+                    target=bench_worker_main,
+                    args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
+                    name=f"apb-bench-{rank}", daemon=True,
+                )
+                p.start()
+                self.procs.append(p)
+            ready = self._collect("ready")
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        for rank, load_s in ready.items():
             self.load_s[rank] = load_s
         return self
 
@@ -593,6 +609,23 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _compare_with_full(rows: list[dict[str, Any]], lead_runs: list[HostRun], methods: list[str]) -> None:
+    """How far each method's logits after the query phase are from `full`'s (rank 0 holds every method's)."""
+    if "full" not in methods:
+        return
+    full = lead_runs[methods.index("full")]
+    if full.logits is None:
+        return
+    ref = full.logits.float()
+    for row, run in zip(rows, lead_runs, strict=True):
+        if run.logits is None:
+            continue
+        diff = run.logits.float() - ref
+        row["logits_max_abs_diff_vs_full"] = diff.abs().max().item()
+        row["logits_rel_diff_vs_full"] = (diff.norm() / ref.norm().clamp_min(1e-30)).item()
+        row["same_tokens_as_full"] = run.generated == full.generated
+
+
 def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims, hosts: int) -> list[dict[str, Any]]:
     """One JSON-ready row per method from every host's runs at one length."""
     rows = []
@@ -637,6 +670,7 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims, hos
             if "all-gather" in last:
                 row["all_gather_share"] = last["all-gather"] / last["total"]
         rows.append(row)
+    _compare_with_full(rows, [host_runs for host_runs in per_host[0]], job.methods)
     by_method = {row["method"]: row["prefill_s"] for row in rows}
     for row in rows:
         mine = row["prefill_s"]

@@ -23,7 +23,6 @@ from apb_core.compressor import RetainingHeads, query_aware_scores, random_score
 from apb_core.layout import HostPlan
 from apb_core.passing import all_gather_packed, exchange_passing
 from kernels import attention_with_lse
-from kernels.apb_mask import padded_causal_attention, use_padded_causal
 
 ATTN_NAME = "apb"
 _ACTIVE: HostEngine | None = None  # the engine whose forward is running in this process
@@ -256,16 +255,7 @@ def apb_prefill_op(engine: HostEngine, layer: int, q, k, v, scale: float) -> tor
     if engine.hosts > 1 and engine.passing.active:
         k_sel, v_sel = engine._compress(layer, q, k, v, scale)
         k_pass, v_pass = exchange_passing(k_sel, v_sel, engine.counts, engine.rank, engine.group)
-    return apb_mask_attention(q, k, v, engine.plan.anchor_len, k_pass, v_pass, scale)
-
-
-def apb_mask_attention(q, k, v, anchor_len: int, k_pass, v_pass, scale: float) -> torch.Tensor:
-    """apb_attention on the fastest path: on CUDA one padded causal call (no merge, one launch) when its
-    wasted pairs are few (kernels/apb_mask.py), else the three-call split. Same contract as apb_attention."""
-    passing = 0 if k_pass is None else k_pass.shape[2]
-    if q.device.type == "cuda" and use_padded_causal(anchor_len, passing, q.shape[2] - anchor_len):
-        return padded_causal_attention(q, k, v, anchor_len, k_pass, v_pass, scale)
-    return apb_attention(q, k, v, anchor_len, k_pass, v_pass, scale)
+    return apb_attention(q, k, v, engine.plan.anchor_len, k_pass, v_pass, scale)
 
 
 def exact_barrier(group=None) -> None:

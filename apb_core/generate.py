@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from apb_core.api import Event
 from apb_core.engine import HostEngine
+from apb_core.faults import fault_point
 from apb_core.layout import plan_hosts, split_blocks
 from apb_core.methods import MethodConfig
 from apb_core.prompt import Prompt
@@ -74,6 +75,7 @@ def run_job(engine: HostEngine, job: Job, tokenizer, emit: Callable[[Event], Non
         Event("progress", rank=rank, phase="prefill", done=layer + 1, total=engine.layers, question=job.index)
     )
     _barrier(engine)
+    fault_point("prefill", rank)
     t0 = time.perf_counter()
     engine.prefill(plan, ctx, method.passing, block_lens, reserve=len(prompt.query_ids) + job.max_new_tokens + 1)
     _sync(engine)
@@ -94,6 +96,8 @@ def run_job(engine: HostEngine, job: Job, tokenizer, emit: Callable[[Event], Non
             t = torch.tensor([token], dtype=torch.long, device=engine.device)
             dist.broadcast(t, src=engine.hosts - 1, group=engine.group)
             token = int(t.item())
+        if not tokens:
+            fault_point("decode", rank)  # after the first generated token
         if token in job.eos_ids:
             break
         tokens.append(token)

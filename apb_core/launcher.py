@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from apb_core.api import Event
 from apb_core.errors import WorkerError
-from apb_core.worker import WorkerSpec, worker_main
+from apb_core.worker import COLLECTIVE_TIMEOUT_S, WorkerSpec, worker_main
 
 POLL_S = 0.1
 GRACE_S = 3.0
@@ -58,14 +58,18 @@ class Workers:
         self.events = self.ctx.Queue()
         self.jobs = [self.ctx.Queue() for _ in range(self.hosts)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        for rank in range(self.hosts):
-            p = self.ctx.Process(
-                target=worker_main, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
-                name=f"apb-worker-{rank}", daemon=True,
-            )
-            p.start()
-            self.procs.append(p)
-        ready = self._collect("ready")
+        try:  # a failure or Ctrl-C while starting must not leave workers behind: `with` calls no __exit__ here
+            for rank in range(self.hosts):
+                p = self.ctx.Process(
+                    target=worker_main, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
+                    name=f"apb-worker-{rank}", daemon=True,
+                )
+                p.start()
+                self.procs.append(p)
+            ready = self._collect("ready")
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         for rank, load_s in ready.items():
             self.load_s[rank] = load_s
         return self
@@ -79,20 +83,96 @@ class Workers:
 
     def _collect(self, kind: str) -> dict:
         got: dict = {}
+        started, first_at = time.monotonic(), None
+        layers, moved = [0] * self.hosts, [started] * self.hosts  # prefill layers each rank reported, and when
         while len(got) < self.hosts:
+            if first_at is not None:
+                self._check_stragglers(kind, got, first_at, first_at - started)
+            self._check_progress(layers, moved)
             try:
                 msg = self.events.get(timeout=POLL_S)
             except queue.Empty:
                 self._check_alive()
                 continue
             if msg[0] == "event":
-                self.on_event(msg[1])
+                event = msg[1]
+                if event.kind == "progress" and event.phase == "prefill" and 0 <= event.rank < self.hosts:
+                    layers[event.rank] += 1
+                    moved[event.rank] = time.monotonic()
+                self.on_event(event)
             elif msg[0] == "error":
-                self.stop()
-                raise WorkerError(f"worker {msg[1]} failed: {msg[2]}")
+                self._fail(msg[1], msg[2])
             elif msg[0] == kind:
                 got[msg[1]] = msg[2]
+                first_at = first_at or time.monotonic()
         return got
+
+    def _check_stragglers(self, kind: str, got: dict, first_at: float, first_took: float) -> None:
+        """The watchdog for a worker stuck outside any collective (where no collective timeout can end it):
+        once one worker is ready (or done), the others get as long again, and at least the collective
+        timeout, to follow."""
+        if time.monotonic() - first_at > max(COLLECTIVE_TIMEOUT_S, first_took):
+            missing = [r for r in range(self.hosts) if r not in got]
+            self.stop()
+            what = "loading the model" if kind == "ready" else "answering"
+            raise WorkerError(
+                f"worker {missing[0]} is stuck: still {what} {max(COLLECTIVE_TIMEOUT_S, first_took):g} s after "
+                f"worker {min(got)} finished (APB_COLLECTIVE_TIMEOUT sets the limit)"
+            )
+
+    def _check_progress(self, layers: list[int], moved: list[float]) -> None:
+        """The watchdog for a worker stuck in prefill where the collective timeout does not end the others
+        (NCCL enqueues every layer's collective and waits on the GPU): a rank two or more layers behind
+        another that has not moved for the collective timeout is stuck. Over gloo no rank gets that far
+        ahead: its collective waits for the slow rank, and times out."""
+        lead = max(layers)
+        for rank, done in enumerate(layers):
+            if lead - done >= 2 and time.monotonic() - moved[rank] > COLLECTIVE_TIMEOUT_S:
+                self.stop()
+                raise WorkerError(
+                    f"worker {rank} is stuck: no progress for {COLLECTIVE_TIMEOUT_S:g} s at prefill layer {done} "
+                    f"while worker {layers.index(lead)} reached layer {lead} (APB_COLLECTIVE_TIMEOUT sets the limit)"
+                )
+
+    def _died(self, rank: int) -> WorkerError:
+        """The error for a worker that died without a word."""
+        code = self.procs[rank].exitcode
+        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        alive = [str(r) for r, p in enumerate(self.procs) if p.exitcode is None]
+        if code == -signal.SIGABRT and alive:  # what NCCL's watchdog does to a worker whose collective timed out
+            why += (f": aborted, e.g. by NCCL after {COLLECTIVE_TIMEOUT_S:g} s in a collective; worker(s) "
+                    f"{', '.join(alive)} still running")
+        return WorkerError(f"worker {rank} died ({why})")
+
+    def _fail(self, rank: int, text: str) -> None:
+        """Stop every worker and raise one WorkerError naming the cause, which is not always the first report:
+        a worker that dies without a word (os._exit, SIGKILL) or hangs makes the others fail in a collective
+        (connection closed, timeout), and hosts that run out of memory do so together."""
+        errors = {rank: text}
+        waiting = "waiting for another worker" in text
+        deadline = time.monotonic() + (1.0 if waiting else 0.3)
+        while time.monotonic() < deadline:
+            try:
+                msg = self.events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if msg[0] == "error":
+                errors.setdefault(msg[1], msg[2])
+        silent = [r for r, p in enumerate(self.procs) if p.exitcode is not None and r not in errors]
+        stuck = [r for r, p in enumerate(self.procs) if p.exitcode is None and r not in errors]
+        if silent:
+            died = self._died(silent[0])
+            self.stop()
+            raise died
+        self.stop()
+        if waiting and stuck:
+            raise WorkerError(
+                f"worker {stuck[0]} is stuck: worker {rank} timed out after {COLLECTIVE_TIMEOUT_S:g} s waiting for "
+                "it in a collective (APB_COLLECTIVE_TIMEOUT sets the limit)"
+            )
+        oom = sorted(r for r, t in errors.items() if r != rank and t.startswith("out of memory"))
+        also = f" (host(s) {', '.join(map(str, oom))} ran out too)" if text.startswith("out of memory") and oom else ""
+        raise WorkerError(f"worker {rank} failed: {text}{also}")
 
     def _check_alive(self) -> None:
         for rank, p in enumerate(self.procs):
@@ -105,12 +185,10 @@ class Workers:
                     except queue.Empty:
                         continue
                     if msg[0] == "error":
-                        self.stop()
-                        raise WorkerError(f"worker {msg[1]} failed: {msg[2]}")
+                        self._fail(msg[1], msg[2])
+                died = self._died(rank)
                 self.stop()
-                code = p.exitcode
-                why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                raise WorkerError(f"worker {rank} died ({why})")
+                raise died
 
     def stop(self) -> None:
         """End every worker now: SIGTERM, then SIGKILL after a short grace period."""

@@ -1,0 +1,295 @@
+"""`apb eval` as a library: run the synthetic tasks through `Session.answer` for several methods and host
+counts, score every answer, and summarise accuracy per (length, task, method, hosts) with the gap to `full`.
+
+    config = EvalConfig(tasks=["niah_single_1", "vt"], lengths=[4096], samples=3, methods=["full", "apb"],
+                        hosts=[2, 4])
+    summary = run_eval(config, out_path="results.jsonl")
+
+Why it is shaped this way:
+- One `Session` per hosts value: the model is loaded once per worker and reused for every sample and method
+  (methods and ablations switch through `Session.answer` overrides), because on a CPU a model load costs as
+  much as a short prefill.
+- `full` is exact at any H (passing carries every earlier token uncompressed; the engine tests prove it equals
+  one-process attention), so it is computed once per sample at the first hosts value and its result is reused
+  for the other hosts rows. Those rows say so (`reused_from_hosts`), and their timings are the first run's.
+- Every sample's `answer_prefix` ends the prompt, so the model continues it, and the score is computed on the
+  continuation alone, as RULER does (the prefix never contains an answer).
+- Ablation overrides (`compressor`, `question_in_anchor`, `anchor_len`, `passing_len`) apply to `apb` only:
+  `star` keeps its definition (anchor = the whole first block, no passing) and `full` stays exact, so both
+  remain the fixed references an ablation is compared against.
+- Rows are appended to the JSONL file and flushed as they are produced: a long CPU run that is stopped keeps
+  every finished sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from apb_core.api import AskRequest, AskResult
+from apb_core.errors import InputError
+from apb_core.eval.scoring import score
+from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
+
+METHODS = ("full", "star", "apb")
+ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len")
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": tuple(TASKS),
+    "ruler": RULER_TASKS,
+    "infinitebench": INFINITEBENCH_TASKS,
+}
+
+
+@dataclass
+class EvalConfig:
+    """What one `apb eval` run covers.
+
+    lengths: target prompt sizes in tokens (each sample is generated to at most this many).
+    max_new_tokens: a cap on each task's own answer budget (None: the task's budget, RULER's values).
+    ablation: `Session.answer` overrides for `apb` only (keys in ABLATION_KEYS); empty = the engine defaults.
+    """
+
+    tasks: list[str]
+    lengths: list[int]
+    samples: int = 3
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    hosts: list[int] = field(default_factory=lambda: [2])
+    model: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    max_new_tokens: int | None = None
+    threads: int | None = None
+    ablation: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise InputError naming the first bad field (the CLI validates first; this guards library use)."""
+        if not self.tasks:
+            raise InputError("no task selected")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if not self.lengths or any(n <= 0 for n in self.lengths):
+            raise InputError(f"lengths must be positive token counts (got {self.lengths})")
+        if self.samples < 1:
+            raise InputError(f"samples must be at least 1 (got {self.samples})")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise InputError(f"methods must be among {', '.join(METHODS)} (got {self.methods})")
+        if not self.hosts or any(h < 1 for h in self.hosts):
+            raise InputError(f"hosts must be at least 1 (got {self.hosts})")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        unknown = set(self.ablation) - set(ABLATION_KEYS)
+        if unknown:
+            raise InputError(f"unknown ablation setting(s) {sorted(unknown)}; use {', '.join(ABLATION_KEYS)}")
+
+
+@dataclass
+class Cell:
+    """Accuracy of one (length, task, method, hosts) over its samples, in points (mean score x 100)."""
+
+    length: int
+    task: str
+    method: str
+    hosts: int
+    samples: int
+    accuracy: float
+    delta_vs_full: float | None  # accuracy - full's accuracy on the same samples; None without full
+    reused_full: bool = False  # full's numbers come from the first hosts value (full is exact at any H)
+
+
+@dataclass
+class EvalSummary:
+    """Per-task cells, per-(length, method, hosts) averages over tasks, and notes the output must carry."""
+
+    config: dict[str, Any]
+    cells: list[Cell]
+    averages: list[Cell]  # task == "average": the unweighted mean of the task accuracies
+    notes: list[str]
+    rows: int
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "cells": [asdict(c) for c in self.cells],
+            "averages": [asdict(c) for c in self.averages],
+            "notes": self.notes,
+            "rows": self.rows,
+            "wall_s": self.wall_s,
+        }
+
+
+def prompt_digest(sample: Sample) -> str:
+    """First 16 hex digits of sha256(document + "\\n\\n" + question), i.e. of the user turn the model reads:
+    two rows with the same digest were asked the same thing, whatever run or machine produced them."""
+    return hashlib.sha256(sample.user_message.encode("utf-8")).hexdigest()[:16]
+
+
+def _row(sample: Sample, result: AskResult, method: str, hosts: int, points: float, length: int,
+         reused_from: int | None, ablation: dict[str, Any]) -> dict[str, Any]:
+    """One JSONL record: what was asked, what came back, how it scored, and how long it took."""
+    return {
+        "task": sample.task,
+        "index": sample.index,
+        "seed": sample.seed,
+        "length": length,
+        "sample_tokens": sample.actual_tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "depth": sample.depth,
+        "method": method,
+        "hosts": hosts,
+        "reused_from_hosts": reused_from,
+        "anchor_len": result.anchor_len,
+        "passing_len": result.passing_len,
+        "ablation": ablation if method == "apb" else {},
+        "digest": prompt_digest(sample),
+        "metric": sample.metric,
+        "expected": sample.answers,
+        "answer_prefix": sample.answer_prefix,
+        "answer": result.answer,
+        "score": points,
+        "correct": points >= 1.0,
+        "generated_tokens": result.generated_tokens,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "model": result.model,
+        "device": result.device,
+    }
+
+
+def _new_tokens(config: EvalConfig, sample: Sample) -> int:
+    return sample.max_new_tokens if config.max_new_tokens is None else min(sample.max_new_tokens,
+                                                                           config.max_new_tokens)
+
+
+def run_eval(
+    config: EvalConfig,
+    out_path: str | os.PathLike[str] | None = None,
+    on_row: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> EvalSummary:
+    """Generate, answer and score every (length, task, sample) for every method and hosts value.
+
+    out_path: JSONL file, truncated, then one row per (sample, method, hosts) appended as it is scored.
+    on_row(row, done, total): progress callback (the CLI prints a line per row).
+    Raises InputError before any worker starts when a sample's prompt does not fit the model window.
+    """
+    from apb_core.ask import Session
+    from apb_core.prompt import build_prompt
+
+    config.check()
+    t_start = time.perf_counter()
+    computed_methods = [m for m in config.methods if m != "full"]
+    runs_per_sample = len(computed_methods) * len(config.hosts) + (1 if "full" in config.methods else 0)
+    total = len(config.lengths) * len(config.tasks) * config.samples * len(config.hosts) * len(config.methods)
+    done = 0
+    asked = 0  # Session.answer's question index (it only labels events and adds set-up time to index 0)
+    samples: dict[tuple[int, str, int], Sample] = {}
+    full_rows: dict[tuple[int, str, int], dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    sink: IO[str] | None = open(out_path, "w", encoding="utf-8") if out_path is not None else None
+    try:
+        for h_index, hosts in enumerate(config.hosts):
+            request = AskRequest(document="", questions=[], model=config.model, hosts=hosts, device=config.device,
+                                 seed=config.seed, threads=config.threads)
+            session = Session(request)
+            if not samples:
+                for length in config.lengths:
+                    for task in config.tasks:
+                        for index in range(config.samples):
+                            sample = _generate(task, session.tokenizer, length, config.seed, index)
+                            # fail before any worker starts if the prompt plus the answer budget overflows
+                            build_prompt(session.tokenizer, sample.document, sample.question, session.window,
+                                         _new_tokens(config, sample), "none", sample.answer_prefix)
+                            samples[(length, task, index)] = sample
+            methods = config.methods if h_index == 0 else computed_methods
+            with session:
+                for (length, task, index), sample in samples.items():
+                    for method in methods:
+                        overrides: dict[str, Any] = {"method": method, "max_new_tokens": _new_tokens(config, sample),
+                                                     "seed": config.seed}
+                        if method == "apb":
+                            overrides.update(config.ablation)
+                        result = session.answer(sample.document, sample.question, asked,
+                                                answer_prefix=sample.answer_prefix, **overrides)
+                        asked += 1
+                        points = score(sample, result.answer)
+                        row = _row(sample, result, method, hosts, points, length, None, config.ablation)
+                        new = [row]
+                        if method == "full":
+                            full_rows[(length, task, index)] = row
+                            new += [dict(row, hosts=h, reused_from_hosts=hosts) for h in config.hosts[1:]]
+                        for r in new:
+                            rows.append(r)
+                            if sink is not None:
+                                sink.write(json.dumps(r, ensure_ascii=False) + "\n")
+                                sink.flush()
+                            done += 1
+                            if on_row is not None:
+                                on_row(r, done, total)
+    finally:
+        if sink is not None:
+            sink.close()
+    cells, averages = summarise(rows)
+    notes = []
+    if "full" in config.methods and len(config.hosts) > 1:
+        notes.append(f"full is exact at any number of hosts: it ran once per sample at H={config.hosts[0]} and "
+                     f"its result is reused for H={', '.join(map(str, config.hosts[1:]))}")
+    notes.append(f"{config.samples} sample(s) per task and length: one sample moves a task's accuracy by "
+                 f"{100 / config.samples:.0f} points")
+    if config.ablation:
+        settings = ", ".join(f"{k}={v}" for k, v in config.ablation.items())
+        notes.append(f"ablation settings apply to apb only: {settings}")
+    return EvalSummary(
+        config=asdict(config) | {"runs_per_sample": runs_per_sample},
+        cells=cells, averages=averages, notes=notes, rows=len(rows), wall_s=time.perf_counter() - t_start,
+    )
+
+
+def _generate(task: str, tokenizer: Any, length: int, seed: int, index: int) -> Sample:
+    try:
+        return generate(task, tokenizer, length, seed, index)
+    except ValueError as exc:  # a target too small for the task's fixed text is the user's input
+        raise InputError(str(exc)) from None
+
+
+def summarise(rows: Iterable[dict[str, Any]]) -> tuple[list[Cell], list[Cell]]:
+    """Cells per (length, task, method, hosts) and their unweighted averages over tasks, both with the gap to
+    `full` (same length, task and hosts). Rows are JSONL records, so a saved file can be re-summarised."""
+    scores: dict[tuple[int, str, str, int], list[float]] = defaultdict(list)
+    reused: dict[tuple[int, str, str, int], bool] = {}
+    for row in rows:
+        key = (row["length"], row["task"], row["method"], row["hosts"])
+        scores[key].append(float(row["score"]))
+        reused[key] = row.get("reused_from_hosts") is not None
+    cells = []
+    for key, values in scores.items():
+        length, task, method, hosts = key
+        full = scores.get((length, task, "full", hosts))
+        accuracy = 100 * sum(values) / len(values)
+        delta = None if full is None else accuracy - 100 * sum(full) / len(full)
+        cells.append(Cell(length, task, method, hosts, len(values), accuracy, delta, reused[key]))
+    groups: dict[tuple[int, str, int], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell.length, cell.method, cell.hosts)].append(cell)
+    averages = []
+    for (length, method, hosts), group in groups.items():
+        deltas = [c.delta_vs_full for c in group]
+        averages.append(Cell(
+            length, "average", method, hosts, sum(c.samples for c in group),
+            sum(c.accuracy for c in group) / len(group),
+            None if any(d is None for d in deltas) else math.fsum(deltas) / len(deltas),  # type: ignore[arg-type]
+            all(c.reused_full for c in group),
+        ))
+    return cells, averages
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a JSONL file written by `run_eval` (to re-summarise or merge runs)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU runs of the bench issue, one call each on the device machine (see docs/benchmarks.md):
+#   scripts/gpu_bench.sh kernels   one GPU: kernel correctness + APB-mask microbenchmark + 1-GPU bench smoke
+#   scripts/gpu_bench.sh x2        two GPUs: apb bench at 32K, 64K, 128K with every method, APB breakdown
+# Full logs and JSON go to $OUT (the device tool brings them back); a compact table is printed last.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
+export PYTHONUNBUFFERED=1 PYTHONPATH=. COLUMNS=200 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # one allocator pool across lengths and methods
+OUT=${OUT:-/tmp/apb-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+
+date -u +"%Y-%m-%dT%H:%M:%SZ" | tee "$OUT/env.txt"
+nvidia-smi -L | tee -a "$OUT/env.txt"
+nvidia-smi topo -m >> "$OUT/env.txt" 2>&1
+$PY -c 'import torch, transformers; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(),
+"transformers", transformers.__version__, "gpus", torch.cuda.device_count())' | tee -a "$OUT/env.txt"
+
+case "${1:-}" in
+kernels)
+    timeout 330 $PY scripts/gpu_kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+    echo "gpu_kernels exit $?"
+    timeout 200 $PY -m apb_cli.bench --preset llama-3.1-8b --len 32k --hosts 1 --methods full --repeat 2 \
+        --decode-tokens 8 --json > "$OUT/smoke.json" 2> "$OUT/smoke.log"
+    echo "bench smoke exit $?"
+    tail -n 5 "$OUT/smoke.log"
+    $PY scripts/bench_summary.py "$OUT/smoke.json"
+    cat "$OUT/kernels.log" | tail -n 40
+    ;;
+x2)
+    timeout 560 $PY -m apb_cli.bench --preset llama-3.1-8b --len 32k,64k,128k --hosts 2 \
+        --methods full,ring,ulysses,star,apb --repeat 2 --breakdown apb --json --plot "$OUT/bench.png" \
+        > "$OUT/bench.json" 2> "$OUT/bench.log"
+    echo "bench exit $?"
+    tail -n 12 "$OUT/bench.log"
+    $PY scripts/bench_summary.py "$OUT/bench.json"
+    ;;
+*)
+    echo "usage: scripts/gpu_bench.sh kernels|x2" >&2
+    exit 2
+    ;;
+esac

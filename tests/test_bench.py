@@ -1,0 +1,129 @@
+"""`apb bench` on CPU: every method runs on the same prompt, the exact ones agree with one-host full
+attention, the FLOP model matches peers.md §4.3, and the CLI keeps its output contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from apb_cli.main import app
+from apb_core.bench import EXACT_METHODS, METHODS, BenchConfig, ModelDims, parse_lengths, run_bench
+from apb_core.errors import InputError
+from apb_core.layout import default_lengths
+from apb_core.model import build_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def report():
+    """`apb bench --preset tiny --len 2k --hosts 2 --device cpu` with every method, as a library call."""
+    config = BenchConfig(lengths=[2048], hosts=2, methods=list(METHODS), preset="tiny", device="cpu", repeat=1,
+                         decode_tokens=4, breakdown=["apb", "ulysses"])
+    return run_bench(config)
+
+
+def test_every_method_has_a_row_and_json(report):
+    payload = json.loads(json.dumps(report.payload()))
+    assert [row["method"] for row in payload["rows"]] == list(METHODS)
+    for row in payload["rows"]:
+        assert row["len"] == 2048 and row["prefill_s"] > 0 and row["tokens_per_s"] > 0
+        assert row["hosts"] == (1 if row["method"] == "full" else 2)
+        assert len(row["prefill_runs_s"]) == 1
+        assert row["decode_ms_per_token"] > 0 and row["query_ms"] > 0
+        assert row["effective_tflops"] > 0 and row["executed_tflops"] > 0
+    assert payload["machine"]["device"] == "cpu"
+
+
+def test_exact_methods_agree_with_full(report):
+    full = report.logits[("full", 2048)]
+    assert torch.isfinite(full).all()
+    for method in EXACT_METHODS:
+        diff = (report.logits[(method, 2048)] - full).abs().max().item()
+        assert diff <= 1e-4, (method, diff)
+    # Star's anchor is the whole first block: over 2 hosts it sees everything, so it is exact too
+    assert (report.logits[("star", 2048)] - full).abs().max().item() <= 1e-4
+    # APB's compressed passing block is an approximation: finite, and not the exact answer
+    apb = report.logits[("apb", 2048)]
+    assert torch.isfinite(apb).all() and (apb - full).abs().max().item() > 1e-4
+
+
+def test_executed_work_per_method(report):
+    rows = {row["method"]: row for row in report.rows}
+    exact = rows["full"]["exact_pflop"]
+    for method in ("full", "ring", "ulysses", "allgather"):  # exact methods do the causal work, no more
+        assert rows[method]["executed_pflop"] == pytest.approx(exact, rel=1e-9)
+    assert rows["ring"]["busiest_host_pflop"] == pytest.approx(exact / 2, rel=1e-9)  # zigzag balances
+    assert rows["star"]["executed_pflop"] > exact  # the anchor is computed again on host 1
+    anchor, passing = default_lengths(2048, 2)
+    assert rows["apb"]["anchor_len"] == anchor and rows["apb"]["passing_len"] == passing  # layout defaults
+    assert rows["allgather"]["passing_len"] == 1024
+
+
+def test_breakdown_splits_apb_into_its_phases(report):
+    row = next(r for r in report.rows if r["method"] == "apb")
+    last = row["breakdown_ms"]["1"]
+    for phase in ("qkv", "compress", "all-gather", "attention", "o-proj", "ffn", "other"):
+        assert last[phase] >= 0
+    assert sum(v for k, v in last.items() if k != "total") == pytest.approx(last["total"], rel=1e-6)
+    assert 0 <= row["all_gather_share"] < 1
+    uly = next(r for r in report.rows if r["method"] == "ulysses")
+    assert uly["breakdown_ms"]["0"]["all-to-all"] > 0
+
+
+def test_flop_model_matches_the_llama_8b_numbers_of_peers_md():
+    dims = ModelDims.from_config(build_config("llama-3.1-8b"))
+    assert dims.linear_flops_per_token == pytest.approx(13.96e9, rel=1e-3)
+    n = 131072
+    assert dims.attention_flops_per_pair * n * (n + 1) / 2 == pytest.approx(4.504e15, rel=1e-3)
+    assert dims.exact_flops(n) == pytest.approx(6.33e15, rel=1e-3)
+
+
+def test_parse_lengths():
+    assert parse_lengths("2k,32k, 128k,131072") == [2048, 32768, 131072, 131072]
+    assert parse_lengths("1m") == [1048576]
+    for bad in ("", "12q", "1.5", "-3k", "k"):
+        with pytest.raises(InputError):
+            parse_lengths(bad)
+
+
+def test_cli_json_one_host_runs_inline():
+    result = runner.invoke(app, ["bench", "--preset", "tiny", "--len", "512", "--hosts", "1", "--device", "cpu",
+                                 "--json", "--repeat", "1", "--decode-tokens", "2", "--methods", "full,ring,apb"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [row["method"] for row in payload["rows"]] == ["full", "ring", "apb"]
+    assert "apb bench: prefill" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--len", "12q"], "--len"),
+    (["--methods", "full,flash"], "--methods"),
+    (["--preset", "tiny", "--model", "x"], "--preset or --model"),
+    (["--device", "tpu"], "--device"),
+    (["--hosts", "0", "--device", "cpu"], "--hosts"),
+    (["--breakdown", "nope", "--device", "cpu"], "--breakdown"),
+])
+def test_cli_bad_options_are_one_line_exit_2(args, needle):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apb: error:") and needle in lines[0]
+
+
+def test_cli_plot_without_matplotlib_is_one_clear_line(tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        result = runner.invoke(app, ["bench", "--preset", "tiny", "--device", "cpu", "--plot", str(tmp_path / "a.png")])
+        assert result.exit_code == 2 and "matplotlib" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    else:  # matplotlib present: the chart is written
+        result = runner.invoke(app, ["bench", "--preset", "tiny", "--len", "256", "--hosts", "1", "--device", "cpu",
+                                     "--repeat", "1", "--methods", "full,ring", "--plot", str(tmp_path / "a.png")])
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / "a.png").stat().st_size > 0
