@@ -141,7 +141,8 @@ def bench(
         int | None, typer.Option("--hosts", help="Workers. Default: visible GPUs on cuda, else 2.", show_default=False)
     ] = None,
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma list of full, ring, ulysses, allgather, star, apb.")
+        str, typer.Option("--methods", help="Comma list: hf (plain transformers), full, ring, ulysses, allgather, "
+                          "star, apb.")
     ] = "full,ring,ulysses,star,apb",
     preset: Annotated[
         str | None, typer.Option("--preset", help="Random-weight model shape: llama-3.1-8b, qwen2.5-14b, tiny.")
@@ -157,12 +158,15 @@ def bench(
     ] = "apb",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the random prompt.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per worker.")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="Nothing on stderr but errors.")] = False,
 ) -> None:
     """Time prefill (and decode) of full, ring, Ulysses, Star and APB on one random prompt."""
     code = run_cli(length=length, hosts=hosts, methods=methods, preset=preset, model=model, repeat=repeat,
                    device=device, json_output=json_output, plot=plot, decode_tokens=decode_tokens,
-                   breakdown=breakdown, seed=seed, threads=threads, quiet=quiet)
+                   breakdown=breakdown, seed=seed, threads=threads, dtype=dtype, quiet=quiet)
     if code:
         raise typer.Exit(code)
 
@@ -199,9 +203,13 @@ def build_config(opts: dict[str, Any], cuda_count=_cuda_count):
         except ImportError:
             raise InputError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
     preset = opts["preset"] or (None if opts["model"] else "llama-3.1-8b")
+    dtype = str(opts.get("dtype") or "auto").lower()
+    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"--dtype must be auto, fp32, bf16 or fp16 (got {opts.get('dtype')!r})")
     return BenchConfig(lengths=lengths, hosts=hosts, methods=methods, preset=preset, model=opts["model"],
                        device=resolved, repeat=opts["repeat"], decode_tokens=opts["decode_tokens"],
-                       breakdown=breakdown, seed=opts["seed"], threads=opts["threads"])
+                       breakdown=breakdown, seed=opts["seed"], threads=opts["threads"],
+                       dtype=None if dtype == "auto" else dtype)
 
 
 def run_cli(**opts: Any) -> int:

@@ -70,6 +70,7 @@ def validate_eval(
     max_new_tokens: int | None,
     threads: int | None,
     out: str | None,
+    auto_exact: bool = True,
 ) -> EvalOptions:
     """Check `apb eval`'s options; raise InputError naming the first bad one (torch is imported only for
     --device auto|cuda, to count GPUs)."""
@@ -115,6 +116,8 @@ def validate_eval(
         ablation["compressor"] = compressor
     if not question_in_anchor:
         ablation["question_in_anchor"] = False
+    if not auto_exact:
+        ablation["auto_exact"] = False
     if anchor_len is not None:
         if anchor_len < 0:
             raise InputError(f"--anchor-len must not be negative (got {anchor_len})")
@@ -180,6 +183,11 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--question-in-anchor/--no-question-in-anchor", help="apb only: the question in the anchor."),
         ] = True,
+        auto_exact: Annotated[
+            bool,
+            typer.Option("--auto-exact/--no-auto-exact",
+                         help="apb only: exact layout where it costs about as much (off: always compress)."),
+        ] = True,
         anchor_len: Annotated[
             int | None, typer.Option("--anchor-len", help="apb only: anchor length. Default: by context.")
         ] = None,
@@ -199,7 +207,7 @@ def register(app: typer.Typer) -> None:
         code = _eval(tasks=tasks, lengths=lengths, samples=samples, methods=methods, hosts=hosts, model=model,
                      seed=seed, json_output=json_output, out=out, compressor=compressor,
                      question_in_anchor=question_in_anchor, anchor_len=anchor_len, passing_len=passing_len,
-                     device=device, max_new_tokens=max_new_tokens, threads=threads, quiet=quiet)
+                     auto_exact=auto_exact, device=device, max_new_tokens=max_new_tokens, threads=threads, quiet=quiet)
         if code:
             raise typer.Exit(code)
 
@@ -219,7 +227,7 @@ def _eval(**opts: Any) -> int:
             hosts=opts["hosts"], device=opts["device"], compressor=opts["compressor"],
             question_in_anchor=opts["question_in_anchor"], anchor_len=opts["anchor_len"],
             passing_len=opts["passing_len"], max_new_tokens=opts["max_new_tokens"], threads=opts["threads"],
-            out=opts["out"],
+            out=opts["out"], auto_exact=opts.get("auto_exact", True),
         )
         importlib.import_module("apb_core.model").resolve_model(opts["model"])  # a bad path fails before work
         from apb_core.eval.runner import EvalConfig, run_eval

@@ -36,6 +36,10 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("apb", "star", "full")
 TRUNCATE_MODES = ("none", "middle", "end")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+MAX_HOSTS = 1024  # sanity bounds: a typo like --hosts 1000000 must be one error line, not a fork bomb
+MAX_THREADS = 4096
+MAX_TEMPERATURE = 100.0
 DEFAULT_CPU_HOSTS = 2  # CPU workers are processes; two show APB's split without oversubscribing a laptop
 
 
@@ -120,6 +124,8 @@ def validate_ask(
     truncate: str,
     threads: int | None,
     cuda_count: Callable[[], int],
+    dtype: str = "auto",
+    seed: int = 0,
 ) -> AskOptions:
     """Check `apb ask`'s options in the documented order; raise `InputError` naming the first bad one.
 
@@ -176,6 +182,16 @@ def validate_ask(
         raise InputError(f"--top-p must be in (0, 1] (got {top_p})")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1 (got {threads})")
+    if threads is not None and threads > MAX_THREADS:
+        raise InputError(f"--threads must be at most {MAX_THREADS} (got {threads})")
+    if hosts > MAX_HOSTS:
+        raise InputError(f"--hosts must be at most {MAX_HOSTS} (got {hosts})")
+    if not temperature <= MAX_TEMPERATURE:
+        raise InputError(f"--temperature must be at most {MAX_TEMPERATURE} (got {temperature})")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"--seed must be in [0, 2^63) (got {seed})")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     return AskOptions(questions=questions, device=resolved, hosts=hosts, passing_len=parsed_passing)
 
 
@@ -230,6 +246,14 @@ def ask(
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads per worker. Default: cores / hosts.")
     ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
+    auto_exact: Annotated[
+        bool,
+        typer.Option("--auto-exact/--no-auto-exact",
+                     help="apb: run exact (anchor 0, passing all) where that costs about as much as compressing."),
+    ] = True,
 ) -> None:
     """Answer QUESTION about the document at PATH."""
     code = _ask(
@@ -252,6 +276,8 @@ def ask(
         quiet=quiet,
         allow_pickle=allow_pickle,
         threads=threads,
+        dtype=dtype,
+        auto_exact=auto_exact,
     )
     if code:
         raise typer.Exit(code)
@@ -298,6 +324,8 @@ def _ask_body(**opts: Any) -> int:
             truncate=opts["truncate"],
             threads=opts["threads"],
             cuda_count=_cuda_count,
+            dtype=opts.get("dtype", "auto"),
+            seed=opts["seed"],
         )
 
         from apb_cli.render import Renderer, json_payload
@@ -331,6 +359,8 @@ def _ask_body(**opts: Any) -> int:
             truncate=opts["truncate"],
             threads=opts["threads"],
             allow_pickle=opts["allow_pickle"],
+            dtype=None if opts.get("dtype", "auto") == "auto" else opts["dtype"],
+            auto_exact=opts.get("auto_exact", True),
         )
         results = importlib.import_module("apb_core.ask").run_ask(request, on_event=renderer.handle)
         if not results:

@@ -262,7 +262,8 @@ def summary_line(result: AskResult) -> str:
         f"{result.method} on {result.hosts} host(s), {result.device}, model {result.model}",
         f"prompt {result.prompt_tokens:,} tok (context {result.context_tokens:,})",
         f"generated {result.generated_tokens:,}",
-        f"anchor {result.anchor_len}, passing {result.passing_len}",
+        f"anchor {result.anchor_len}, passing {result.passing_len}"
+        + (" (exact: about as cheap as compressing at this length)" if result.auto_exact else ""),
     ]
     if result.truncated:
         parts.append("document truncated to fit the window")
@@ -286,6 +287,7 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "timings": {k: result.timings.get(k) for k in TIMING_KEYS} | dict(result.timings),
         "prefill_tokens_per_s": result.prefill_tokens_per_s,
         "truncated": result.truncated,
+        "auto_exact": result.auto_exact,
         "host_stats": [
             {
                 "rank": s.rank,

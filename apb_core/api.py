@@ -37,6 +37,7 @@ class AskRequest:
     compressor: str = "query_aware"  # query_aware | retaining_heads | random
     retaining_heads: str | None = None  # safetensors file of Locret-style heads (compressor retaining_heads)
     question_in_anchor: bool = True
+    auto_exact: bool = True  # apb runs exact where that costs about as much (apb_core.methods)
 
 
 @dataclass
@@ -84,3 +85,4 @@ class AskResult:
     prefill_tokens_per_s: float
     host_stats: list[HostStats] = field(default_factory=list)
     truncated: bool = False
+    auto_exact: bool = False  # apb ran the exact layout (anchor 0, passing all): cheaper than compressing here

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from apb_core.api import AskRequest, AskResult, Event, HostStats
 from apb_core.errors import InputError, WorkerError
+from apb_core.flops import ModelDims
 from apb_core.generate import Job, run_job
 from apb_core.launcher import Workers, in_torchrun
 from apb_core.methods import resolve_method
@@ -74,7 +75,9 @@ class Session:
         t0 = time.perf_counter()
         self.source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
         self.tokenizer = models.load_tokenizer(self.source)
-        self.window = models.model_window(models.load_config(self.source))
+        config = models.load_config(self.source)
+        self.window = models.model_window(config)
+        self.dims = ModelDims.from_config(config)
         self.eos = _eos_ids(self.tokenizer)
         self.setup_s = time.perf_counter() - t0
         spec = WorkerSpec(
@@ -102,14 +105,15 @@ class Session:
         req = self.request
         opt = {f: overrides.get(f, getattr(req, f)) for f in (
             "method", "anchor_len", "passing_len", "compressor", "question_in_anchor", "seed", "max_new_tokens",
-            "temperature", "top_p", "stop", "truncate")}
+            "temperature", "top_p", "stop", "truncate", "auto_exact")}
         if not question.strip():
             raise InputError("the question is empty")
         t0 = time.perf_counter()
         prompt = build_prompt(self.tokenizer, document, question, self.window, opt["max_new_tokens"],
                               opt["truncate"], answer_prefix)
         method = resolve_method(opt["method"], prompt.context_len, self.hosts, opt["anchor_len"],
-                                opt["passing_len"], opt["compressor"], opt["question_in_anchor"], opt["seed"])
+                                opt["passing_len"], opt["compressor"], opt["question_in_anchor"], opt["seed"],
+                                self.dims, opt["auto_exact"])
         tokenize_s = time.perf_counter() - t0 + (self.setup_s if index == 0 else 0.0)
         self.emit(Event("phase", phase="prefill", question=index))
         job = Job(prompt, method, opt["max_new_tokens"], opt["temperature"], opt["top_p"], opt["seed"],
@@ -132,6 +136,7 @@ class Session:
                 for r, h in enumerate(per_host)
             ],
             truncated=prompt.truncated,
+            auto_exact=method.auto_exact,
         )
 
 

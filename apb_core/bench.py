@@ -5,6 +5,7 @@ model code, the KV cache and the decode path are shared and only the attention o
 
 | method    | hosts | layout                                   | attention in prefill                              |
 |-----------|-------|------------------------------------------|---------------------------------------------------|
+| hf        | 1     | plain transformers in the calling process | its own sdpa (`model(...)`, `generate`), no apb  |
 | full      | 1     | the whole context on rank 0              | causal (the others wait: "one GPU")               |
 | ring      | H     | zigzag chunks r and 2H-1-r (ring.py)     | exact, K/V passed around a ring with P2P          |
 | ulysses   | H     | contiguous blocks (ulysses.py)           | exact, all-to-all to heads and back               |
@@ -18,6 +19,10 @@ One warm-up, then the median of `repeat` runs. After the last run the query (32 
 greedy tokens are decoded at that context; each token's time covers the last host's argmax, its broadcast
 and one forward on every host. Random token ids (seeded) are fed to every method, so the exact methods'
 logits can be compared with `full` (tests/test_bench.py does).
+
+`hf` is the reference a user has without apb: the same weights loaded by plain transformers in the calling
+process after the workers have exited (all cores or `--threads` x hosts), prefill timed as one
+`model(context, logits_to_keep=1)` call, decode as `generate` (time to first token, then per token).
 
 FLOPs: `effective` counts what exact causal attention over the context costs (peers.md §4.3 generalised
 to any shape: linear layers 2·params per token, attention 4·Hq·d per query-key pair over N(N+1)/2 pairs,
@@ -51,6 +56,7 @@ from apb_core.api import Event
 from apb_core.attention import apb_attention
 from apb_core.engine import HostEngine, apb_prefill_op
 from apb_core.errors import InputError
+from apb_core.flops import ModelDims
 from apb_core.launcher import Workers
 from apb_core.layout import plan_hosts, split_blocks
 from apb_core.methods import resolve_method
@@ -61,9 +67,9 @@ from apb_core.ulysses import block_plans, ulysses_pairs, ulysses_prefill_op
 from apb_core.worker import WorkerSpec, _describe, _follow_parent, device_for, init_group, is_oom, load_host
 from kernels.apb_mask import apb_pairs
 
-METHODS = ("full", "ring", "ulysses", "allgather", "star", "apb")
+METHODS = ("hf", "full", "ring", "ulysses", "allgather", "star", "apb")
 DEFAULT_METHODS = ("full", "ring", "ulysses", "star", "apb")
-EXACT_METHODS = ("full", "ring", "ulysses", "allgather")
+EXACT_METHODS = ("hf", "full", "ring", "ulysses", "allgather")
 QUERY_LEN = 32  # tokens after the context: the question (first 24, also put in APB's anchor) + template tail
 QUESTION_LEN = 24
 INSERT_AT = 16  # where the question enters the anchor (after a Llama-3-like chat header)
@@ -87,42 +93,6 @@ def parse_lengths(text: str) -> list[int]:
             raise InputError(f"--len: {part.strip()!r} is not a whole number of tokens")
         out.append(int(value))
     return out
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The shapes the FLOP model needs, read from a transformers config."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ModelDims:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                   cfg.num_key_value_heads, head_dim, cfg.vocab_size)
-
-    @property
-    def linear_flops_per_token(self) -> float:
-        """2 x the projection and MLP weights of all layers (LM head excluded: prefill computes no logits)."""
-        qkv = self.hidden * (self.q_heads + 2 * self.kv_heads) * self.head_dim
-        o = self.q_heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return 2.0 * (qkv + o + mlp) * self.layers
-
-    @property
-    def attention_flops_per_pair(self) -> float:
-        """QKᵀ and PV for one query-key pair, every head, every layer."""
-        return 4.0 * self.q_heads * self.head_dim * self.layers
-
-    def exact_flops(self, n: int) -> float:
-        """Causal prefill of n tokens: the exact-equivalent work every method is credited with."""
-        return self.linear_flops_per_token * n + self.attention_flops_per_pair * n * (n + 1) / 2
 
 
 def model_dims(preset: str | None, model: str | None, allow_pickle: bool = False) -> ModelDims:
@@ -583,14 +553,27 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     threads = config.threads or (max(1, (os.cpu_count() or 1) // config.hosts) if config.device == "cpu" else None)
     spec = WorkerSpec(model=None if config.preset else config.model, preset=config.preset, device=config.device,
                       dtype=config.dtype, threads=threads, allow_pickle=config.allow_pickle, seed=config.seed)
-    runner = InlineBench(spec, emit) if config.hosts == 1 else BenchWorkers(spec, config.hosts, emit)
+    engine_methods = [m for m in config.methods if m != "hf"]
+    jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed), engine_methods,
+                     config.repeat, config.decode_tokens, list(config.breakdown)) for length in config.lengths]
+    engine_runs: list[list[list[HostRun]]] = []
+    if engine_methods:
+        runner = InlineBench(spec, emit) if config.hosts == 1 else BenchWorkers(spec, config.hosts, emit)
+        with runner:
+            for job in jobs:
+                emit(Event("phase", phase="bench", text=f"{job.length} tokens"))
+                engine_runs.append(runner.run((job, dims)))
+    else:
+        engine_runs = [[[] for _ in range(config.hosts)] for _ in jobs]
+    hf_runs = bench_hf(config, jobs, emit) if "hf" in config.methods else []
     per_length: list[tuple[BenchJob, list[list[HostRun]]]] = []
-    with runner:
-        for length in config.lengths:
-            job = BenchJob(length, random_tokens(length, dims.vocab, config.seed), list(config.methods),
-                           config.repeat, config.decode_tokens, list(config.breakdown))
-            emit(Event("phase", phase="bench", text=f"{length} tokens"))
-            per_length.append((job, runner.run((job, dims))))
+    for i, (job, per_host) in enumerate(zip(jobs, engine_runs, strict=True)):
+        job.methods = list(config.methods)
+        if hf_runs:  # rank 0 ran it; the other hosts sat it out
+            at = config.methods.index("hf")
+            for rank, runs in enumerate(per_host):
+                runs.insert(at, hf_runs[i] if rank == 0 else HostRun("hf", rank, False, [], 0.0, []))
+        per_length.append((job, per_host))
     rows, logits, generated = [], {}, {}
     for job, per_host in per_length:
         length_rows = summarise(job, per_host, dims, config.hosts)
@@ -603,6 +586,51 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
            "decode_tokens": config.decode_tokens, "seed": config.seed, "query_len": QUERY_LEN,
            "dims": dims.__dict__}
     return BenchReport(cfg, _machine(config.device, config.hosts), rows, logits, generated)
+
+
+def bench_hf(config: BenchConfig, jobs: list[BenchJob], emit: Callable[[Event], None]) -> list[HostRun]:
+    """The `hf` reference in this process: plain transformers, the same weights and tokens (see top)."""
+    from apb_core import model as models
+    from apb_core.hf_reference import timed_generate
+
+    device = torch.device("cuda", 0) if config.device == "cuda" else torch.device("cpu")
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads * config.hosts if config.threads else (os.cpu_count() or 1))
+    try:
+        if config.preset:
+            model = models.build_random_model(config.preset, device, config.dtype, attn_implementation="sdpa",
+                                              seed=config.seed)
+        else:
+            source = models.resolve_model(config.model, allow_pickle=config.allow_pickle)
+            model = models.load_model(source, device=device, dtype=config.dtype, attn_implementation="sdpa")
+        runs = []
+        for job in jobs:
+            emit(Event("phase", phase="bench", text=f"hf {job.length} tokens"))
+            context = torch.tensor([job.tokens[: job.length]], device=device)
+            run = HostRun("hf", 0, True, [], 0.0, [], tokens=job.length, pairs=job.length * (job.length + 1) / 2,
+                          block_len=job.length)
+            for i in range(1 + job.repeat):
+                emit(Event("progress", phase="bench", done=i, total=1 + job.repeat, text=f"hf {job.length}"))
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    model(context, use_cache=True, logits_to_keep=1)
+                _sync(device)
+                seconds = time.perf_counter() - t0
+                if i == 0:
+                    run.warmup_s = seconds
+                else:
+                    run.prefill_s.append(seconds)
+                    run.host_prefill_s.append(seconds)
+            run.logits, run.generated, _, run.token_s = timed_generate(model, job.tokens, job.decode_tokens)
+            run.generated = run.generated[: job.decode_tokens]
+            if device.type == "cuda":
+                run.peak_bytes = int(torch.cuda.max_memory_allocated(device))
+            runs.append(run)
+        return runs
+    finally:
+        torch.set_num_threads(before)
 
 
 def _median(values: list[float]) -> float | None:
@@ -656,7 +684,7 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims, hos
             "executed_tflops_per_gpu": sum(executed) / seconds / 1e12 / gpus if seconds else None,
             "busiest_host_tflops": max(executed) / seconds / 1e12 if seconds else None,
             "peak_mem_gib": [None if r.peak_bytes is None else r.peak_bytes / 2**30 for r in active],
-            "query_ms": lead.query_s * 1e3 if lead.participated else None,
+            "query_ms": lead.query_s * 1e3 if lead.participated and method != "hf" else None,
             "decode_ms_per_token": (_median(lead.token_s) or math.nan) * 1e3 if lead.token_s else None,
             "anchor_len": critical.anchor_len,
             "passing_len": critical.passing_len,

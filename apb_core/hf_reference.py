@@ -23,20 +23,47 @@ class HfRun:
     prompt_tokens: int
 
 
-class _FirstTokenClock:
-    """A generate() streamer that notes when the first new token arrives (the end of prefill)."""
+class _TokenClock:
+    """A generate() streamer that notes when each new token arrives (the first one ends prefill)."""
 
     def __init__(self) -> None:
         self.calls = 0
-        self.first_token_at: float | None = None
+        self.token_at: list[float] = []
 
     def put(self, value) -> None:
         self.calls += 1
-        if self.calls == 2 and self.first_token_at is None:  # call 1 is the prompt
-            self.first_token_at = time.perf_counter()
+        if self.calls >= 2:  # call 1 is the prompt
+            self.token_at.append(time.perf_counter())
 
     def end(self) -> None:
         pass
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.token_at[0] if self.token_at else None
+
+
+def timed_generate(model, prompt_ids: list[int], new_tokens: int, pad_token_id: int | None = None):
+    """Greedy `generate` as a user calls it: (logits of the first new token [vocab], new tokens, seconds to the
+    first token, seconds per later token)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    clock = _TokenClock()
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(new_tokens, 1),
+                             min_new_tokens=max(new_tokens, 1), do_sample=False, streamer=clock,
+                             pad_token_id=pad_token_id, output_logits=True, return_dict_in_generate=True)
+    _sync(device)
+    stamps = [t0, *clock.token_at]
+    per_token = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+    return out.logits[0][0].float().cpu(), out.sequences[0, len(prompt_ids):].tolist(), stamps[1] - t0, per_token
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def hf_generate(source, prompt_ids: list[int], max_new_tokens: int, from_gguf: bool, threads: int) -> HfRun:
@@ -55,7 +82,7 @@ def hf_generate(source, prompt_ids: list[int], max_new_tokens: int, from_gguf: b
     tokenizer = AutoTokenizer.from_pretrained(models.prepared_dir(source))
     model.eval()
     load_s = time.perf_counter() - t0
-    clock = _FirstTokenClock()
+    clock = _TokenClock()
     ids = torch.tensor([prompt_ids])
     t1 = time.perf_counter()
     with torch.inference_mode():

@@ -335,7 +335,7 @@ def prepared_dir(source: ModelSource) -> Path:
             shutil.rmtree(target, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".tmp-{sha16}-"))
         try:
-            _convert_in_child(source.path, tmp)
+            (_convert_in_child if CONVERT_IN_CHILD else convert_gguf)(source.path, tmp)
             (tmp / "apb-source.json").write_text(
                 json.dumps({"gguf": str(source.path), "name": source.name, "converted_unix": time.time()})
                 + "\n"
@@ -352,6 +352,10 @@ def prepared_dir(source: ModelSource) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+# Convert in a spawned child (see `_convert_in_child`); the cache-mechanics tests run a fake converter in-process.
+CONVERT_IN_CHILD = True
 
 
 def _convert_child(gguf_path: Path, out_dir: Path, errors) -> None:

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from apb_core.api import AskRequest
-from apb_core.ask import run_ask
+from apb_core.ask import Session, run_ask
 from apb_core.errors import InputError
 
 SENTENCES = [
@@ -35,13 +35,19 @@ def document() -> str:
 
 
 def test_apb_two_hosts_answers_planted_fact(document):
-    [result] = run_ask(AskRequest(document=document, questions=[QUESTION], hosts=2, method="apb",
-                                  max_new_tokens=24))
-    assert 2500 <= result.context_tokens <= 3600
-    assert "7481" in result.answer
-    assert result.hosts == 2 and result.method == "apb"
-    assert result.anchor_len > 0 and result.passing_len > 0
-    assert [h.passing_tokens for h in result.host_stats] == [0, result.passing_len]
+    """Compressed APB (auto-exact off) finds the fact; the default at this size is the exact layout."""
+    request = AskRequest(document=document, questions=[QUESTION], hosts=2, method="apb", max_new_tokens=24)
+    with Session(request) as session:
+        result = session.answer(document, QUESTION, auto_exact=False)
+        assert 2500 <= result.context_tokens <= 3600
+        assert "7481" in result.answer
+        assert result.hosts == 2 and result.method == "apb" and not result.auto_exact
+        assert result.anchor_len > 0 and result.passing_len > 0
+        assert [h.passing_tokens for h in result.host_stats] == [0, result.passing_len]
+
+        default = session.answer(document, QUESTION)
+        assert default.auto_exact and default.anchor_len == 0 and default.passing_len == "all"
+        assert "7481" in default.answer
 
 
 def test_prompt_longer_than_window_is_one_clear_error():

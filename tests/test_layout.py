@@ -10,7 +10,7 @@ from apb_core.layout import build_anchor, default_lengths, plan_hosts, split_blo
 def test_blocks_cover_context_without_padding(n, hosts):
     blocks = split_blocks(n, hosts)
     assert blocks[0][0] == 0 and blocks[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     sizes = [e - s for s, e in blocks]
     assert max(sizes) - min(sizes) <= 1
 

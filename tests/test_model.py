@@ -324,6 +324,13 @@ def _fake_gguf(tmp_path: Path, payload: bytes = b"one") -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _convert_in_process(monkeypatch):
+    """Run converters in this process (not the spawned child) so the tests can count and fake them; the child
+    path runs in the embedded-model ask tests, whose fresh cache converts on first use."""
+    monkeypatch.setattr(M, "CONVERT_IN_CHILD", False)
+
+
 def _fake_convert(calls: list, delay: float = 0.0):
     def convert(gguf_path: Path, out_dir: Path) -> None:
         calls.append(gguf_path)

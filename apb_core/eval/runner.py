@@ -39,7 +39,7 @@ from apb_core.eval.scoring import score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
 
 METHODS = ("full", "star", "apb")
-ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len")
+ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact")
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(TASKS),
     "ruler": RULER_TASKS,
@@ -148,6 +148,7 @@ def _row(sample: Sample, result: AskResult, method: str, hosts: int, points: flo
         "reused_from_hosts": reused_from,
         "anchor_len": result.anchor_len,
         "passing_len": result.passing_len,
+        "auto_exact": result.auto_exact,
         "ablation": ablation if method == "apb" else {},
         "digest": prompt_digest(sample),
         "metric": sample.metric,
