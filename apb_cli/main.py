@@ -40,7 +40,16 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 MAX_HOSTS = 1024  # sanity bounds: a typo like --hosts 1000000 must be one error line, not a fork bomb
 MAX_THREADS = 4096
 MAX_TEMPERATURE = 100.0
-DEFAULT_CPU_HOSTS = 2  # CPU workers are processes; two show APB's split without oversubscribing a laptop
+# CPU workers are processes that split the cores. On a 2-core machine one host was faster end to end than two
+# (docs/benchmarks.md, CPU: same answer, 19.6 s vs 23.0 s; two hosts pay gloo collectives per layer and token),
+# so machines with fewer than MIN_CORES_FOR_TWO_HOSTS cores run one host; others keep the two of the ask contract.
+MIN_CORES_FOR_TWO_HOSTS = 4
+
+
+def default_cpu_hosts(cores: int | None = None) -> int:
+    """`--hosts` on CPU when not given: 1 below MIN_CORES_FOR_TWO_HOSTS cores, else 2."""
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    return 1 if cores < MIN_CORES_FOR_TWO_HOSTS else 2
 
 
 def _error_line(message: object) -> str:
@@ -157,7 +166,7 @@ def validate_ask(
         elif hosts > gpus:
             raise InputError(f"--hosts {hosts} needs {hosts} GPUs but only {gpus} are visible")
     elif hosts is None:
-        hosts = DEFAULT_CPU_HOSTS
+        hosts = default_cpu_hosts()
 
     parsed_passing: int | str | None = None
     if passing_len is not None:
@@ -218,7 +227,9 @@ def ask(
     ] = None,
     hosts: Annotated[
         int | None,
-        typer.Option("--hosts", help="Workers. Default: visible GPUs on cuda, else 2.", show_default=False),
+        typer.Option(
+            "--hosts", help="Workers. Default: visible GPUs on cuda; on CPU 2, or 1 below 4 cores.", show_default=False
+        ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
     method: Annotated[str, typer.Option("--method", help="apb|star|full.")] = "apb",

@@ -234,7 +234,11 @@ class HostEngine:
 
     def _decode_attention(self, layer, q, k, v, scale) -> torch.Tensor:
         length = self.cache.length
-        if self.is_last:
+        if self.is_last and q.shape[2] == 1:  # one new token sees every key, itself included: one GEMV
+            self.cache.write(layer, length, k, v)
+            k_all, v_all = self.cache.view(layer, length + 1)
+            out, lse = attention_with_lse(q, k_all, v_all, causal=False, scale=scale)
+        elif self.is_last:
             self.cache.write(layer, length, k, v)
             k_old, v_old = self.cache.view(layer, length)
             out, lse = attend_after_prefix(q, k_old, v_old, k, v, scale)

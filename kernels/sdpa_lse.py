@@ -37,14 +37,18 @@ def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 
 def _math(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain matmuls in fp32, one pass over the logits for both the softmax and its LSE (decode's GEMV path)."""
     k, v = _expand_kv(q, k, v)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))  # [B, H, Sq, Sk]
     if causal:
         sq, sk = logits.shape[-2:]
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         logits = logits.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.softmax(logits, dim=-1), v.float())
+    peak = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)  # finite: no inf - inf
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.matmul(probs, v.float()) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    lse = (peak + total.log()).squeeze(-1)  # -inf where a row saw no key (total = 0)
     return out.to(q.dtype), lse
 
 

@@ -275,7 +275,7 @@ def test_request_carries_the_options(doc: Path, engine: dict[str, Any], monkeypa
         "ask", str(doc), "first?", "-q", "second?", "--question", "third?",
         "--method", "star", "--anchor-len", "64", "--passing-len", "ALL", "--max-new-tokens", "7",
         "--temperature", "0.7", "--top-p", "0.9", "--seed", "3", "--stop", "\n\n", "--stop", "END",
-        "--truncate", "middle", "--threads", "1", "--quiet",
+        "--truncate", "middle", "--threads", "1", "--quiet", "--hosts", "2",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     (request,) = engine["requests"]
@@ -289,6 +289,10 @@ def test_request_carries_the_options(doc: Path, engine: dict[str, Any], monkeypa
 
 def test_defaults_on_cpu_and_on_gpus(doc: Path, engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli_main, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(cli_main.os, "cpu_count", lambda: 2)  # small machines run one host (docs/benchmarks.md)
+    assert invoke("ask", str(doc), "q?").exit_code == 0
+    assert engine["requests"][-1].hosts == 1
+    monkeypatch.setattr(cli_main.os, "cpu_count", lambda: 8)
     assert invoke("ask", str(doc), "q?", "--passing-len", "32").exit_code == 0
     request = engine["requests"][-1]
     assert (request.hosts, request.device, request.passing_len, request.max_new_tokens) == (2, "cpu", 32, 128)
@@ -322,7 +326,8 @@ def test_json_is_exactly_one_object(doc: Path, engine: dict[str, Any]) -> None:
     assert JSON_KEYS <= set(payload)
     assert TIMING_KEYS <= set(payload["timings"])
     assert payload["answer"] == "Answer 1: 7481."
-    assert (payload["hosts"], payload["device"], payload["model"]) == (2, "cpu", "fake-model")
+    expected = (cli_main.default_cpu_hosts(), "cpu", "fake-model")
+    assert (payload["hosts"], payload["device"], payload["model"]) == expected
     assert "answers" not in payload
     assert "Timings" in result.stderr  # the tables still go to stderr
 

@@ -309,7 +309,7 @@ def test_quiet_failure_is_one_line(doc: Path, fake_engine: None) -> None:
 @pytest.mark.parametrize(
     "args,word",
     [
-        (["--hosts", str(10**12)], None),
+        (["--hosts", str(10**12)], "--hosts"),
         (["--max-new-tokens", "-5"], "--max-new-tokens"),
         (["--top-p", "nan"], "--top-p"),
         (["--temperature", "nan"], "--temperature"),
@@ -317,7 +317,11 @@ def test_quiet_failure_is_one_line(doc: Path, fake_engine: None) -> None:
         (["--anchor-len", str(10**9)], None),
         (["--passing-len", "1e9"], "--passing-len"),
         (["--hosts", "1e12"], "--hosts"),
-        (["--seed", str(10**30)], None),
+        (["--seed", str(10**30)], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--threads", "100000"], "--threads"),
+        (["--dtype", "int8"], "--dtype"),
     ],
 )
 def test_absurd_numbers(doc: Path, fake_engine: None, args: list[str], word: str | None) -> None:
