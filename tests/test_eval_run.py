@@ -24,15 +24,16 @@ from apb_core.eval.runner import EvalConfig, read_rows, run_eval, summarise
 
 ROW_KEYS = {
     "task", "index", "seed", "length", "sample_tokens", "prompt_tokens", "depth", "method", "hosts",
-    "reused_from_hosts", "anchor_len", "passing_len", "ablation", "digest", "metric", "expected", "answer_prefix",
-    "answer", "score", "correct", "generated_tokens", "timings", "model", "device",
+    "reused_from_hosts", "anchor_len", "passing_len", "auto_exact", "ablation", "digest", "metric", "expected",
+    "answer_prefix", "answer", "score", "correct", "generated_tokens", "timings", "model", "device",
 }
 
 
 def test_tiny_real_run_writes_rows_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
+    # auto-exact off: at 1K tokens apb would run the exact layout; the compressed path is the one to keep alive
     config = EvalConfig(tasks=["niah_single_1", "passkey"], lengths=[1024], samples=2, methods=["full", "apb"],
-                        hosts=[2], max_new_tokens=8)
+                        hosts=[2], max_new_tokens=8, ablation={"auto_exact": False})
     summary = run_eval(config, out_path=out)
 
     rows = read_rows(out)
