@@ -438,30 +438,8 @@ class BenchWorkers(Workers):
     """The launcher's Workers (same failure handling: one failing or dying worker ends the run with one
     WorkerError), running `bench_worker_main` instead of the answer loop."""
 
-    def __enter__(self) -> BenchWorkers:
-        import sys
-
-        from apb_core.launcher import free_port
-
-        self.events = self.ctx.Queue()
-        self.jobs = [self.ctx.Queue() for _ in range(self.hosts)]
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        try:  # as Workers: a failure while starting must not leave workers behind
-            for rank in range(self.hosts):
-                p = self.ctx.Process(
-                    target=bench_worker_main,
-                    args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
-                    name=f"apb-bench-{rank}", daemon=True,
-                )
-                p.start()
-                self.procs.append(p)
-            ready = self._collect("ready")
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        for rank, load_s in ready.items():
-            self.load_s[rank] = load_s
-        return self
+    entry = staticmethod(bench_worker_main)
+    name = "apb-bench"
 
 
 class InlineBench:

@@ -43,7 +43,13 @@ def default_start_method(device: str) -> str:
 
 
 class Workers:
-    """H worker processes that keep their model loaded across jobs. Use as a context manager."""
+    """H worker processes that keep their model loaded across jobs. Use as a context manager.
+
+    `entry(rank, hosts, spec, init_method, jobs, events)` is the process entry (the answer loop here; `apb bench`
+    swaps in its own) and speaks the protocol ready / event / result / error."""
+
+    entry = staticmethod(worker_main)
+    name = "apb-worker"
 
     def __init__(self, spec: WorkerSpec, hosts: int, on_event: Callable[[Event], None] | None = None,
                  start_method: str | None = None) -> None:
@@ -61,8 +67,8 @@ class Workers:
         try:  # a failure or Ctrl-C while starting must not leave workers behind: `with` calls no __exit__ here
             for rank in range(self.hosts):
                 p = self.ctx.Process(
-                    target=worker_main, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
-                    name=f"apb-worker-{rank}", daemon=True,
+                    target=self.entry, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
+                    name=f"{self.name}-{rank}", daemon=True,
                 )
                 p.start()
                 self.procs.append(p)
