@@ -226,9 +226,19 @@ def start_apb(
         # its own process group: a SIGINT to the group is what Ctrl-C in a terminal does, and nothing of
         # ours is in it
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd, cwd=REPO, env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_default_signals,
         )
     return Run(proc, tag, markers, err, out)
+
+
+def _default_signals() -> None:
+    """apb as a terminal starts it: Ctrl-C and `kill` at their default actions, no signal blocked. An ignored
+    or blocked SIGINT is inherited through exec, and a program rightly keeps it ignored (nohup, `cmd &`); the
+    full suite's earlier tests must not be able to leave such a state behind for these runs."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def one_line(text: str) -> str:
