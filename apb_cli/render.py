@@ -96,7 +96,8 @@ class Renderer:
         self._stop_bars()
         self._question = index
         if len(self.questions) > 1 and not self.quiet and 0 <= index < len(self.questions):
-            self.console.print(f"[bold]Q:[/] {_escape(self.questions[index])}")
+            one_line = " ".join(self.questions[index].splitlines())  # a header is one line, whatever the breaks
+            self.console.print(f"[bold]Q:[/] {_escape(one_line)}")
 
     def _token(self, event: Event) -> None:
         if not self.stream_answers:
