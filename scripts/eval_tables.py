@@ -25,6 +25,16 @@ def _label(row: dict) -> str:
     return "apb[" + ",".join(f"{k}={v}" for k, v in sorted(ablation.items())) + "]"
 
 
+def _fmt(cell, method: str, bold: bool = False) -> str:
+    """accuracy, with the gap to full for other methods; '-' where the cell did not run."""
+    if cell is None:
+        return "-"
+    text = f"{cell.accuracy:.1f}"
+    if method != "full" and cell.delta_vs_full is not None:
+        text += f" ({cell.delta_vs_full:+.1f})"
+    return f"**{text}**" if bold else text
+
+
 def main(paths: list[str]) -> None:
     rows = [dict(row, method=_label(row)) for path in paths for row in read_rows(path)]
     cells, averages = summarise(rows)
@@ -40,25 +50,9 @@ def main(paths: list[str]) -> None:
         print("|" + "---|" * 2 + "---:|" * len(columns))
         for task in tasks:
             n = max(c.samples for (t, _, _), c in by_key.items() if t == task)
-            cells_txt = []
-            for m, h in columns:
-                c = by_key.get((task, m, h))
-                if c is None:
-                    cells_txt.append("-")
-                elif m == "full" or c.delta_vs_full is None:
-                    cells_txt.append(f"{c.accuracy:.1f}")
-                else:
-                    cells_txt.append(f"{c.accuracy:.1f} ({c.delta_vs_full:+.1f})")
+            cells_txt = [_fmt(by_key.get((task, m, h)), m) for m, h in columns]
             print(f"| {task} | {n} | " + " | ".join(cells_txt) + " |")
-        avg_txt = []
-        for m, h in columns:
-            c = avg.get((m, h))
-            if c is None:
-                avg_txt.append("-")
-            elif m == "full" or c.delta_vs_full is None:
-                avg_txt.append(f"**{c.accuracy:.1f}**")
-            else:
-                avg_txt.append(f"**{c.accuracy:.1f} ({c.delta_vs_full:+.1f})**")
+        avg_txt = [_fmt(avg.get((m, h)), m, bold=True) for m, h in columns]
         total = sum(c.samples for c in averages if c.length == length and (c.method, c.hosts) == columns[0])
         print(f"| **average** | {total} | " + " | ".join(avg_txt) + " |")
         prefill: dict[tuple[str, int], list[float]] = defaultdict(list)
