@@ -1,39 +1,126 @@
-"""`apb bench`: parse options, call `apb_core.bench.run_bench`, render the table, JSON and bar chart.
+"""`apb bench`: check the options, call `apb_core.bench.run_bench`, render the tables, JSON and bar chart.
 
-Output contract (same as `apb ask`): stdout holds only the JSON (with `--json`); the tables, progress lines
-and errors go to stderr; a bad option is one line "apb: error: ..." with exit code 2 before any model work.
-main.py picks this module up through `register(app)`.
+Methods (apb_core/bench): `single` is the one-GPU baseline (rank 0 alone, the whole context); `full` is exact
+attention over H hosts, the same meaning as in `apb ask`; ring, ulysses (exact), star and apb (approximate);
+`hf` is plain transformers in this process. Output contract (same as `apb ask`): stdout holds only the JSON
+(with `--json`); tables, progress lines and errors go to stderr; a bad option is one line "apb: error: ..."
+with exit code 2 before any model work.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import traceback
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from apb_core.errors import ApbError, InputError
+from apb_cli import options
+from apb_cli.options import BenchOptions, parse_breakdown, parse_tokens, split_list
+from apb_core.api import Event
 
-DEVICES = ("auto", "cpu", "cuda")
 PHASES = ("qkv", "compress", "wait", "all-gather", "all-to-all", "attention", "o-proj", "ffn", "other")
 
 
-def _error_line(message: object) -> str:
-    return "apb: error: " + (" ".join(str(message).split()) or "unknown error")
+def bench(
+    length: Annotated[
+        str, typer.Option("--len", help="Context tokens: 2k, 32k, 128k, 131072 or a comma list (k = 1024).")
+    ] = "32k",
+    hosts: Annotated[
+        int | None,
+        typer.Option("--hosts", help="Workers. Default: visible GPUs on cuda; on CPU 2, or 1 below 4 cores.",
+                     show_default=False),
+    ] = None,
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma list: hf (plain transformers), single (rank 0 alone, one GPU), "
+                          "ring, ulysses, full (exact over the hosts), star, apb.")
+    ] = "single,ring,ulysses,star,apb",
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="Random-weight model shape: llama-3.1-8b (default on GPUs), "
+                                 "qwen2.5-14b, smollm2-135m (default on CPU), tiny.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("-m", "--model", help="A local model (HF folder or .gguf) instead.")
+    ] = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Timed prefills per method (after one warm-up).")] = 3,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (a row per method).")] = False,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a bar chart of prefill times (PNG).")] = None,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", help="Greedy tokens timed after prefill (answer_s counts them).")
+    ] = 128,
+    breakdown: Annotated[
+        str, typer.Option("--breakdown", help="Methods to time phase by phase (one extra prefill each), or none.")
+    ] = "apb",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the random prompt.")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per worker.")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="Nothing on stderr but errors.")] = False,
+    decode: Annotated[
+        str, typer.Option("--decode", help="auto|eager|static|graph: how decode steps run (auto: CUDA graphs on GPU).")
+    ] = "auto",
+    layout: Annotated[
+        str, typer.Option("--layout", help="balanced|equal blocks for full, star and apb (ring/Ulysses: their own).")
+    ] = "balanced",
+) -> None:
+    """Time prefill (and decode) of single-GPU, ring, Ulysses, Star and APB on one random prompt."""
+
+    def body() -> int:
+        return run_bench_command(BenchOptions(
+            lengths=tuple(parse_tokens(length)), hosts=hosts, methods=tuple(split_list(methods)), preset=preset,
+            model=model, repeat=repeat, device=device, json_output=json_output, plot=plot,
+            decode_tokens=decode_tokens, breakdown=parse_breakdown(breakdown), seed=seed, threads=threads,
+            dtype=dtype.strip().lower(), quiet=quiet, decode=decode.strip().lower(), layout=layout.strip().lower(),
+        ))
+
+    code = options.run_command(body)
+    if code:
+        raise typer.Exit(code)
 
 
-def _cuda_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+def run_bench_command(opts: BenchOptions) -> int:
+    """Run the benchmark and print the JSON (stdout), the chart (file) and the tables (stderr)."""
+    from apb_core.bench import run_bench  # torch: only now that the options are good
+
+    # wide tables when stderr is a file or a pipe (logs), the terminal's width otherwise
+    console = Console(stderr=True, highlight=False, quiet=opts.quiet, width=None if sys.stderr.isatty() else 200)
+
+    def on_event(event: Event) -> None:
+        if event.phase == "bench" and event.kind == "progress" and event.done == 0:
+            console.print(f"apb bench: {event.text.replace(' ', ' @ ')} tokens, {event.total} prefills")
+
+    for warning in opts.warnings:
+        console.print(f"[yellow]apb: warning:[/] {warning}")
+    for note in opts.notes:
+        console.print(f"[dim]apb: note: {note}[/]")
+    console.print(f"apb bench: {opts.preset or opts.model} on {opts.hosts} {opts.device} host(s), "
+                  f"methods {', '.join(opts.methods)}")
+    report = run_bench(opts.config(), on_event=on_event)
+    payload = report.payload() | {"notes": list(opts.notes), "warnings": list(opts.warnings)}
+    if opts.device == "cpu":
+        payload["machine"] = payload["machine"] | {"peak_rss_gib": peak_rss_gib()}
+    if opts.json_output:
+        sys.stdout.write(json.dumps(payload) + "\n")
+        sys.stdout.flush()
+    if opts.plot:
+        write_plot(report.rows, opts.plot)
+        console.print(f"apb bench: wrote {opts.plot}")
+    console.print(results_table(report.rows, opts.device))
+    if opts.device == "cpu":
+        console.print(f"[dim]peak resident memory: {payload['machine']['peak_rss_gib']:.2f} GiB (the largest "
+                      "process of the run; CPU runs have no per-method peak)[/]")
+    if len(opts.methods) > 1:
+        console.print(speedup_table(report.rows))
+        console.print(speedup_table(report.rows, "answer_speedup_vs", "answer speedup (row over column)"))
+    table = breakdown_table(report.rows)
+    if table is not None:
+        console.print(table)
+    return 0
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -48,36 +135,58 @@ def _tokens_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def results_table(rows: list[dict[str, Any]]) -> Table:
-    """One line per (length, method): time, throughput, speedup, FLOP rates, memory, decode."""
+def peak_rss_gib() -> float:
+    """The largest resident set of this process and its finished workers (Linux reports KiB), in GiB."""
+    import resource
+
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kib / 2**20
+
+
+def results_table(rows: list[dict[str, Any]], device: str = "cuda") -> Table:
+    """One line per (length, method): time, throughput, speedup, FLOP rates, memory, decode.
+
+    On CPU the hosts are processes ("hosts", not "GPUs"), rates are GFLOP/s (TFLOP/s would round to 0.0) and
+    there is no per-method peak memory (n/a; `run_bench_command` prints the run's peak resident set)."""
     table = Table(title="apb bench: prefill", title_justify="left")
-    for name in ("len", "method", "GPUs", "prefill s", "tok/s", "vs full", "eff TFLOP/s", "exec TFLOP/s/GPU",
-                 "busiest TFLOP/s", "peak GiB", "decode ms/tok", "logits Δ vs full"):
+    gpu = device == "cuda"
+    unit, scale, per = ("TFLOP/s", 1.0, "GPU") if gpu else ("GFLOP/s", 1e3, "host")
+    for name in ("len", "method", "GPUs" if gpu else "hosts", "prefill s", "tok/s", "vs single", f"eff {unit}",
+                 f"exec {unit}/{per}", f"busiest {unit}", "peak GiB", "passing recv", "decode ms/tok", "answer s",
+                 "logits Δ vs single"):
         table.add_column(name, justify="left" if name == "method" else "right")
+
+    def rate(value: float | None) -> str:
+        return _fmt(None if value is None else value * scale, 1)
+
     for row in rows:
         peaks = [p for p in row["peak_mem_gib"] if p is not None]
         table.add_row(
             _tokens_label(row["len"]), row["method"] + ("" if row["exact"] else "*"), str(row["hosts"]),
-            _fmt(row["prefill_s"], 3), _fmt(row["tokens_per_s"], 0), _fmt(row["speedup_vs_full"]),
-            _fmt(row["effective_tflops"], 1), _fmt(row["executed_tflops_per_gpu"], 1),
-            _fmt(row["busiest_host_tflops"], 1), _fmt(max(peaks) if peaks else None, 1),
-            _fmt(row["decode_ms_per_token"], 1), _fmt(row.get("logits_rel_diff_vs_full"), 4),
+            _fmt(row["prefill_s"], 3), _fmt(row["tokens_per_s"], 0), _fmt(row["speedup_vs_single"]),
+            rate(row["effective_tflops"]), rate(row["executed_tflops_per_gpu"]),
+            rate(row["busiest_host_tflops"]), _fmt(max(peaks) if peaks else None, 1) if gpu else "n/a",
+            _fmt(row.get("passing_received")), _fmt(row["decode_ms_per_token"], 1), _fmt(row.get("answer_s"), 3),
+            _fmt(row.get("logits_rel_diff_vs_single"), 4),  # absent when single did not run
         )
-    table.caption = ("* approximate method; eff = exact causal FLOPs / time; exec = FLOPs the method runs; "
-                     "logits Δ = ‖logits − full's‖ / ‖full's‖ after the query")
+    table.caption = ("* approximate method; single = rank 0 alone, whole context; eff = exact causal FLOPs / time; "
+                     "exec = FLOPs the method runs; passing recv = tokens the last host received; "
+                     "answer s = prefill + query + --decode-tokens tokens; "
+                     "logits Δ = ‖logits − single's‖ / ‖single's‖ after the query")
     return table
 
 
-def speedup_table(rows: list[dict[str, Any]]) -> Table:
+def speedup_table(rows: list[dict[str, Any]], key: str = "speedup_vs",
+                  title: str = "prefill speedup (row over column)") -> Table:
     """Row method's speedup over column method, per length (ratios of one run's medians)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    table = Table(title="speedup (row over column)", title_justify="left")
+    table = Table(title=title, title_justify="left")
     table.add_column("len")
     table.add_column("method", justify="left")
     for m in methods:
         table.add_column(m, justify="right")
     for row in rows:
-        cells = ["1" if m == row["method"] else _fmt(row["speedup_vs"].get(m)) for m in methods]
+        cells = ["1" if m == row["method"] else _fmt(row[key].get(m)) for m in methods]
         table.add_row(_tokens_label(row["len"]), row["method"], *cells)
     return table
 
@@ -124,143 +233,10 @@ def write_plot(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_xlabel("context tokens")
     ax.set_ylabel("prefill seconds (median)")
     hosts = max(r["hosts"] for r in rows)
-    ax.set_title(f"apb bench: prefill time, {hosts} hosts (full = 1 GPU)")
+    ax.set_title(f"apb bench: prefill time, {hosts} hosts (single = 1 GPU)")
     if len(lengths) > 1:
         ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def bench(
-    length: Annotated[
-        str, typer.Option("--len", help="Context tokens: 2k, 32k, 128k, 131072 or a comma list.")
-    ] = "32k",
-    hosts: Annotated[
-        int | None, typer.Option("--hosts", help="Workers. Default: visible GPUs on cuda, else 2.", show_default=False)
-    ] = None,
-    methods: Annotated[
-        str, typer.Option("--methods", help="Comma list: hf (plain transformers), full, ring, ulysses, allgather, "
-                          "star, apb.")
-    ] = "full,ring,ulysses,star,apb",
-    preset: Annotated[
-        str | None, typer.Option("--preset", help="Random-weight model shape: llama-3.1-8b, qwen2.5-14b, tiny.")
-    ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="A local model (HF folder or .gguf) instead.")] = None,
-    repeat: Annotated[int, typer.Option("--repeat", help="Timed prefills per method (after one warm-up).")] = 3,
-    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (a row per method).")] = False,
-    plot: Annotated[str | None, typer.Option("--plot", help="Write a bar chart of prefill times (PNG).")] = None,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed after prefill.")] = 8,
-    breakdown: Annotated[
-        str, typer.Option("--breakdown", help="Methods to time phase by phase (one extra prefill each), or none.")
-    ] = "apb",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the random prompt.")] = 0,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per worker.")] = None,
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: fp32 on CPU, bf16 on GPU).")
-    ] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="Nothing on stderr but errors.")] = False,
-) -> None:
-    """Time prefill (and decode) of full, ring, Ulysses, Star and APB on one random prompt."""
-    code = run_cli(length=length, hosts=hosts, methods=methods, preset=preset, model=model, repeat=repeat,
-                   device=device, json_output=json_output, plot=plot, decode_tokens=decode_tokens,
-                   breakdown=breakdown, seed=seed, threads=threads, dtype=dtype, quiet=quiet)
-    if code:
-        raise typer.Exit(code)
-
-
-def build_config(opts: dict[str, Any], cuda_count=_cuda_count):
-    """Check the options (InputError names the first bad one) and return a BenchConfig."""
-    from apb_core.bench import METHODS, BenchConfig, parse_lengths
-
-    lengths = parse_lengths(opts["length"])
-    if opts["device"] not in DEVICES:
-        raise InputError(f"--device must be one of {', '.join(DEVICES)} (got {opts['device']!r})")
-    if opts["preset"] and opts["model"]:
-        raise InputError("give --preset or --model, not both")
-    methods = [m.strip() for m in opts["methods"].split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    value = opts["breakdown"].strip().lower()
-    breakdown = [] if value in ("", "none") else [m.strip() for m in value.split(",")]
-    if any(m not in METHODS for m in breakdown):
-        raise InputError(f"--breakdown takes method names or none (got {opts['breakdown']!r})")
-    gpus = cuda_count() if opts["device"] in ("auto", "cuda") else 0
-    if opts["device"] == "cuda" and gpus == 0:
-        raise InputError("--device cuda: no CUDA GPU is visible")
-    resolved = "cuda" if opts["device"] == "cuda" or (opts["device"] == "auto" and gpus > 0) else "cpu"
-    hosts = opts["hosts"] if opts["hosts"] is not None else (gpus if resolved == "cuda" else 2)
-    if hosts < 1:
-        raise InputError(f"--hosts must be at least 1 (got {hosts})")
-    if resolved == "cuda" and hosts > gpus:
-        raise InputError(f"--hosts {hosts} needs {hosts} GPUs but only {gpus} are visible")
-    if opts["plot"]:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InputError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
-    preset = opts["preset"] or (None if opts["model"] else "llama-3.1-8b")
-    dtype = str(opts.get("dtype") or "auto").lower()
-    if dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise InputError(f"--dtype must be auto, fp32, bf16 or fp16 (got {opts.get('dtype')!r})")
-    return BenchConfig(lengths=lengths, hosts=hosts, methods=methods, preset=preset, model=opts["model"],
-                       device=resolved, repeat=opts["repeat"], decode_tokens=opts["decode_tokens"],
-                       breakdown=breakdown, seed=opts["seed"], threads=opts["threads"],
-                       dtype=None if dtype == "auto" else dtype)
-
-
-def run_cli(**opts: Any) -> int:
-    """Run `apb bench`; returns the exit code after printing at most one error line."""
-    # wide tables when stderr is a file or a pipe (logs), the terminal's width otherwise
-    width = None if sys.stderr.isatty() else 200
-    console = Console(stderr=True, highlight=False, quiet=opts["quiet"], width=width)
-    try:
-        config = build_config(opts)
-        from apb_core.bench import run_bench
-
-        def on_event(event) -> None:
-            if event.phase == "bench" and event.kind == "progress" and event.done == 0:
-                console.print(f"apb bench: {event.text.replace(' ', ' @ ')} tokens, {event.total} prefills")
-
-        console.print(f"apb bench: {config.preset or config.model} on {config.hosts} {config.device} host(s), "
-                      f"methods {', '.join(config.methods)}")
-        report = run_bench(config, on_event=on_event)
-        if opts["json_output"]:
-            sys.stdout.write(json.dumps(report.payload()) + "\n")
-            sys.stdout.flush()
-        if opts["plot"]:
-            write_plot(report.rows, opts["plot"])
-            console.print(f"apb bench: wrote {opts['plot']}")
-        console.print(results_table(report.rows))
-        if len(config.methods) > 1:
-            console.print(speedup_table(report.rows))
-        table = breakdown_table(report.rows)
-        if table is not None:
-            console.print(table)
-        return 0
-    except ApbError as exc:
-        print(_error_line(exc), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("apb: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if os.environ.get("APB_DEBUG") == "1":
-            traceback.print_exc(file=sys.stderr)
-        print(_error_line(f"unexpected {type(exc).__name__}: {exc} (set APB_DEBUG=1 for the traceback)"),
-              file=sys.stderr)
-        return 1
-
-
-def register(app: typer.Typer) -> None:
-    """Add `apb bench` to the `apb` app (main.py calls this when the module exists)."""
-    app.command("bench")(bench)
-
-
-if __name__ == "__main__":  # `python -m apb_cli.bench ...`: the bench command alone, without the other commands
-    _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(_app)
-    _app()

@@ -9,6 +9,7 @@ Progress bars (one per (phase, host)), warnings, logs and the timing tables go t
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any, TextIO
 
@@ -27,7 +28,7 @@ from rich.table import Table
 from apb_core.api import AskResult, Event
 
 # The order phases are shown in the timing table; keys the engine adds beyond these follow in its order.
-TIMING_KEYS = ("load_s", "tokenize_s", "prefill_s", "decode_s", "total_s")
+TIMING_KEYS = ("convert_s", "load_s", "tokenize_s", "prefill_s", "decode_s", "total_s")
 
 # Bars for these phases are hidden while an answer streams to the same terminal: one line of text and a
 # redrawn bar cannot share the screen.
@@ -65,23 +66,43 @@ class Renderer:
         self._line_open = False  # stdout's last character is not a newline
         self._answer_chars = 0  # characters streamed for the current answer
         self._streamed: set[int] = set()  # questions whose answer came through token events
+        self.warnings: list[str] = []  # every warning, shown or not (--quiet): the JSON's `warnings`
+        self.notes: list[str] = []  # choices apb made on its own, shown or not: the JSON's `notes`
 
     # -- stderr messages -------------------------------------------------------------------------------
     def warn(self, message: str) -> None:
         """A warning line on stderr (above any bars); silent with --quiet."""
+        self.warnings.append(message)
         if not self.quiet:
+            self._separate_from_answer()
             self.console.print(f"[yellow]apb: warning:[/] {_escape(message)}")
+
+    def notice(self, message: str, choice: bool = True) -> None:
+        """An `apb: note:` line on stderr (silent with --quiet); `choice`: a choice apb made on its own, which
+        the JSON's `notes` repeats."""
+        if choice:
+            self.notes.append(message)
+        self.note(f"apb: note: {message}")
 
     def note(self, message: str) -> None:
         """An informational line on stderr; silent with --quiet."""
         if not self.quiet:
+            self._separate_from_answer()
             self.console.print(f"[dim]{_escape(message)}[/]")
+
+    def _separate_from_answer(self) -> None:
+        """When stdout and stderr are one file (`> log 2>&1`) and an answer line is open, start stderr's text
+        on a line of its own; the answer itself (stdout) is left as it is."""
+        if self._line_open and _same_file(self.out, self.console.file):
+            self.console.file.write("\n")
 
     # -- events ----------------------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
         """Render one engine event; this is the `on_event` callback given to `run_ask`."""
         if event.kind == "token":
             self._token(event)
+        elif event.kind == "phase" and event.phase == "convert":  # one line, not a bar: it happens once
+            self.note(f"apb: {event.text}")
         elif event.kind in ("phase", "progress"):
             self._bar(event)
         elif event.kind == "log":
@@ -198,8 +219,8 @@ class Renderer:
         failed: the run is ending with an error line; the unfinished bars are erased so that this one line
         is what the user reads.
         """
+        self._end_answer()  # first: the bars' last frame must not land on the answer's line (`> log 2>&1`)
         self._stop_bars(erase=failed)
-        self._end_answer()
 
     def print_unstreamed(self, results: list[AskResult]) -> None:
         """Print answers the engine returned without streaming them (nothing was written for them yet)."""
@@ -235,6 +256,8 @@ def timing_table(results: list[AskResult]) -> Table:
     keys = list(TIMING_KEYS) + [k for r in results for k in r.timings if k not in TIMING_KEYS]
     for key in dict.fromkeys(keys):
         cells = [_seconds(r.timings.get(key)) for r in results]
+        if key == "convert_s" and not any(r.timings.get(key) for r in results):
+            continue  # the GGUF was already converted: no row to read
         if any(c != "-" for c in cells):
             table.add_row(key.removesuffix("_s"), *cells)
     table.add_row("prefill tok/s", *(f"{r.prefill_tokens_per_s:,.0f}" for r in results))
@@ -259,15 +282,22 @@ def host_table(result: AskResult, title: str = "Hosts") -> Table:
 
 def summary_line(result: AskResult) -> str:
     """The run's settings and token counts in one line under the tables."""
+    ran = f"{result.method} on {result.hosts} host(s)"
+    if result.method_requested and result.method_requested != result.method:
+        why = "one host has no earlier block to pass: exact attention" if result.hosts == 1 else "chosen by apb"
+        ran += f" (asked --method {result.method_requested}; {why})"
     parts = [
-        f"{result.method} on {result.hosts} host(s), {result.device}, model {result.model}",
+        f"{ran}, {result.device}, model {result.model}",
         f"prompt {result.prompt_tokens:,} tok (context {result.context_tokens:,})",
         f"generated {result.generated_tokens:,}",
-        f"anchor {result.anchor_len}, passing {result.passing_len}"
+        f"{result.layout} blocks, anchor {result.anchor_len}, passing {result.passing_len}"
         + (" (exact: about as cheap as compressing at this length)" if result.auto_exact else ""),
     ]
     if result.truncated:
-        parts.append("document truncated to fit the window")
+        parts.append(f"document truncated to fit the window: {result.dropped_tokens:,} tokens dropped, "
+                     f"{result.context_tokens:,} context tokens kept")
+    if result.finish_reason == "length":
+        parts.append("answer cut at --max-new-tokens")
     return " | ".join(parts)
 
 
@@ -278,6 +308,7 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "answer": result.answer,
         "model": result.model,
         "method": result.method,
+        "method_requested": result.method_requested or result.method,
         "hosts": result.hosts,
         "device": result.device,
         "prompt_tokens": result.prompt_tokens,
@@ -288,7 +319,10 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "timings": {k: result.timings.get(k) for k in TIMING_KEYS} | dict(result.timings),
         "prefill_tokens_per_s": result.prefill_tokens_per_s,
         "truncated": result.truncated,
+        "dropped_tokens": result.dropped_tokens,
+        "finish_reason": result.finish_reason,
         "auto_exact": result.auto_exact,
+        "layout": result.layout,
         "host_stats": [
             {
                 "rank": s.rank,
@@ -302,14 +336,17 @@ def result_dict(result: AskResult) -> dict[str, Any]:
     }
 
 
-def json_payload(results: list[AskResult]) -> dict[str, Any]:
-    """One object: the first answer's fields at the top level, and `answers` with all when there are more.
+def json_payload(results: list[AskResult], notes: list[str] | tuple[str, ...] = (),
+                 warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """One object: the first answer's fields at the top level, and `answers` with all when there are more;
+    `notes` (choices apb made on its own) and `warnings`, the lines stderr showed.
 
     Non-finite numbers (a rate over a zero-length phase) become null: `NaN`/`Infinity` are not JSON.
     """
     payload = result_dict(results[0])
     if len(results) > 1:
         payload["answers"] = [result_dict(r) for r in results]
+    payload["notes"], payload["warnings"] = list(notes), list(warnings)
     return _finite(payload)
 
 
@@ -332,6 +369,17 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """True when two streams write to the same file (`> log 2>&1`), or are the same object."""
+    if a is b:
+        return True
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _isatty(stream: TextIO) -> bool:

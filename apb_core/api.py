@@ -37,7 +37,9 @@ class AskRequest:
     compressor: str = "query_aware"  # query_aware | retaining_heads | random
     retaining_heads: str | None = None  # safetensors file of Locret-style heads (compressor retaining_heads)
     question_in_anchor: bool = True
-    auto_exact: bool = True  # apb runs exact where that costs about as much (apb_core.methods)
+    system: str | None = None  # a system prompt (the chat template's system turn); None: the template's default
+    auto_exact: bool = True  # apb runs exact where that costs about as much (apb_core.algorithm.methods)
+    layout: str = "balanced"  # balanced | equal: how the context is cut into blocks (apb_core.algorithm.methods)
 
 
 @dataclass
@@ -86,3 +88,7 @@ class AskResult:
     host_stats: list[HostStats] = field(default_factory=list)
     truncated: bool = False
     auto_exact: bool = False  # apb ran the exact layout (anchor 0, passing all): cheaper than compressing here
+    method_requested: str = ""  # the request's method (`method` is what ran: full on one host, auto-exact, ...)
+    finish_reason: str = "stop"  # "stop" (end of sequence), "stop_string" (--stop), "length" (--max-new-tokens)
+    dropped_tokens: int = 0  # document tokens cut by --truncate to fit the window
+    layout: str = "equal"  # what cut the blocks: balanced (equal FLOPs per host) or equal (equal token counts)

@@ -5,6 +5,6 @@ that one up by its distribution metadata, which this package does not have; test
 """
 
 from kernels.reference import reference_attention
-from kernels.sdpa_lse import attention_with_lse, backend_name
+from kernels.sdpa_lse import DecodeAttention, attention_with_lse, backend_name
 
-__all__ = ["attention_with_lse", "backend_name", "reference_attention"]
+__all__ = ["DecodeAttention", "attention_with_lse", "backend_name", "reference_attention"]

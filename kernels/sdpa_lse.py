@@ -18,11 +18,8 @@ Causal is top-left aligned, so callers only pass causal=True for square problems
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_FORCE = os.environ.get("APB_ATTN_BACKEND", "")  # "math" forces the plain path (debugging)
 SMALL_QUERY = 64  # CPU: rows (after GQA grouping) up to which plain matmuls beat the flash kernel
 _NATIVE_GQA: dict[tuple, bool] = {}  # (device, dtype, head_dim) -> cuDNN handles Hkv < Hq correctly
 CUDA_FEW_ROWS = 128  # CUDA: query rows up to which the flash backend is used (no per-length cuDNN plan)
@@ -54,8 +51,6 @@ def _math(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tens
 
 def backend_name(device: torch.device | str) -> str:
     """The backend attention_with_lse uses on this device (reported by bench and info)."""
-    if _FORCE:
-        return _FORCE
     return "cudnn" if torch.device(device).type == "cuda" else "cpu-flash"
 
 
@@ -136,8 +131,6 @@ def attention_with_lse(
     sk = k.shape[2]
     if sk == 0 or sq == 0:
         return q.new_zeros(b, hq, sq, v.shape[-1]), q.new_full((b, hq, sq), float("-inf"), dtype=torch.float32)
-    if _FORCE == "math":
-        return _math(q, k, v, causal, scale)
     if q.device.type == "cuda":
         # flash's causal is bottom-right aligned: the same as ours only for square problems
         few_rows = sq <= CUDA_FEW_ROWS and (not causal or sq == sk)
@@ -172,3 +165,82 @@ def attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, ke, ve, 0.0, causal, scale=scale)
         return out, lse.float()
     return _math(q, k, v, causal, scale)
+
+
+
+_FLASH_VARLEN_OK: dict[tuple, bool] = {}  # (device, dtype, head_dim) -> flash varlen with seqused_k is right here
+
+
+def _decode_matmul(q, k, v, used: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain path: the g = Hq / Hkv query heads of a KV head are g rows of one matrix product, softmax in fp32."""
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    qg = q.reshape(b, hkv, hq // hkv, d).float()  # [B, Hkv, g, D]
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, g, N]
+    valid = torch.arange(n, device=q.device) < used
+    logits = logits.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, Hkv, g, 1]
+    out = torch.matmul(torch.exp(logits - lse), v.float())  # [B, Hkv, g, D]
+    return out.reshape(b, hq, 1, d).to(q.dtype), lse.reshape(b, hq, 1)
+
+
+def _decode_flash_varlen(q, k, v, used: torch.Tensor, scale: float, cu_q: torch.Tensor,
+                         cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's varlen kernel reading only the first `used` keys (seqused_k, a device tensor): the
+    cache stays [B, Hkv, N, D] and is viewed as [N, Hkv, D] rows, no copy."""
+    b, hq, _, d = q.shape
+    n = k.shape[2]
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.reshape(1, hq, d), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k, 1, n, 0.0, False, False,
+        scale=scale, seqused_k=used,
+    )[:2]
+    return out.reshape(b, hq, 1, d), lse.float().reshape(b, hq, 1)
+
+
+def flash_varlen_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether flash's varlen kernel with seqused_k runs here and matches the fp32 plain path (checked once, on a
+    small probe, outside any graph capture)."""
+    key = (str(device), dtype, head_dim)
+    if key not in _FLASH_VARLEN_OK:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(1, 8, 1, head_dim, device=device, dtype=dtype, generator=g)
+            k = torch.randn(1, 2, 300, head_dim, device=device, dtype=dtype, generator=g)
+            v = torch.randn(1, 2, 300, head_dim, device=device, dtype=dtype, generator=g)
+            cu_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
+            cu_k = torch.tensor([0, 300], dtype=torch.int32, device=device)
+            for filled in (1, 137, 300):
+                used = torch.tensor([filled], dtype=torch.int32, device=device)
+                out, lse = _decode_flash_varlen(q, k, v, used, head_dim**-0.5, cu_q, cu_k)
+                ref, ref_lse = _decode_matmul(q, k, v, used, head_dim**-0.5)
+                err = (out.float() - ref.float()).norm() / ref.float().norm()
+                ok = bool(err <= 1e-2 and (lse - ref_lse).abs().max() <= 1e-2)
+                if not ok:
+                    break
+        except (RuntimeError, TypeError):
+            ok = False
+        _FLASH_VARLEN_OK[key] = ok
+    return _FLASH_VARLEN_OK[key]
+
+
+class DecodeAttention:
+    """One query row per head over a preallocated cache of which the first `used` keys are filled: static shapes
+    and no host sync, so a decode step can be captured in a CUDA graph.
+
+    CUDA: flash attention's varlen kernel, told the filled length through a device tensor (seqused_k), splitting
+    the keys over the multiprocessors itself; elsewhere (or where the probe fails) plain matrix products with the
+    softmax in fp32. Built once per decoder (outside capture: it allocates the kernel's index tensors).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, head_dim: int, capacity: int) -> None:
+        self.flash = device.type == "cuda" and flash_varlen_ok(device, dtype, head_dim)
+        self.cu_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        self.cu_k = torch.tensor([0, capacity], dtype=torch.int32, device=device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, 1, D]; k, v [B, Hkv, N, D]; used [1] int32 -> out [B, Hq, 1, D], lse [B, Hq, 1] fp32."""
+        if self.flash:
+            return _decode_flash_varlen(q, k, v, used, scale, self.cu_q, self.cu_k)
+        return _decode_matmul(q, k, v, used, scale)

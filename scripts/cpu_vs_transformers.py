@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _child_hf(prompt_file: str, new_tokens: int, from_gguf: bool, threads: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from apb_core import model as models
     from apb_core.hf_reference import hf_generate
+
+    from apb_core import models
 
     ids = json.loads(Path(prompt_file).read_text())
     run = hf_generate(models.resolve_model(None), ids, new_tokens, from_gguf=from_gguf, threads=threads)
@@ -41,8 +42,9 @@ def _child_hf(prompt_file: str, new_tokens: int, from_gguf: bool, threads: int) 
 
 def _prompt_ids(document: str, question: str, new_tokens: int) -> list[int]:
     sys.path.insert(0, str(ROOT))
-    from apb_core import model as models
     from apb_core.prompt import build_prompt
+
+    from apb_core import models
 
     source = models.resolve_model(None)
     tokenizer = models.load_tokenizer(source)

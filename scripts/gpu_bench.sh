@@ -2,6 +2,7 @@
 # GPU runs of the bench issue, one call each on the device machine (see docs/benchmarks.md):
 #   scripts/gpu_bench.sh kernels   one GPU: kernel correctness + APB-mask microbenchmark + 1-GPU bench smoke
 #   scripts/gpu_bench.sh x2        two GPUs: apb bench at 32K, 64K, 128K with every method, APB breakdown
+#   scripts/gpu_bench.sh smoke     two GPUs: apb bench at 32K with every engine method (the restructure's check)
 # Full logs and JSON go to $OUT (the device tool brings them back); a compact table is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
@@ -21,7 +22,7 @@ case "${1:-}" in
 kernels)
     timeout 330 $PY scripts/gpu_kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
     echo "gpu_kernels exit $?"
-    timeout 200 $PY -m apb_cli.bench --preset llama-3.1-8b --len 32k --hosts 1 --methods full --repeat 2 \
+    timeout 200 $PY -m apb_cli.main bench --preset llama-3.1-8b --len 32k --hosts 1 --methods single --repeat 2 \
         --decode-tokens 8 --json > "$OUT/smoke.json" 2> "$OUT/smoke.log"
     echo "bench smoke exit $?"
     tail -n 5 "$OUT/smoke.log"
@@ -29,15 +30,40 @@ kernels)
     cat "$OUT/kernels.log" | tail -n 40
     ;;
 x2)
-    timeout 560 $PY -m apb_cli.bench --preset llama-3.1-8b --len 32k,64k,128k --hosts 2 \
-        --methods full,ring,ulysses,star,apb --repeat 2 --breakdown apb --json --plot "$OUT/bench.png" \
+    timeout 560 $PY -m apb_cli.main bench --preset llama-3.1-8b --len 32k,64k,128k --hosts 2 \
+        --methods single,ring,ulysses,star,apb --repeat 2 --breakdown apb --json --plot "$OUT/bench.png" \
         > "$OUT/bench.json" 2> "$OUT/bench.log"
     echo "bench exit $?"
     tail -n 12 "$OUT/bench.log"
     $PY scripts/bench_summary.py "$OUT/bench.json"
     ;;
+smoke)
+    timeout 400 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 32k --hosts 2 \
+        --methods single,ring,ulysses,full,star,apb --repeat 2 --decode-tokens 16 --breakdown apb --json \
+        > "$OUT/smoke.json" 2> "$OUT/smoke.log"
+    echo "bench exit $?"
+    tail -n 30 "$OUT/smoke.log"
+    $PY scripts/bench_summary.py "$OUT/smoke.json"
+    ;;
+decode)
+    timeout 240 $PY scripts/gpu_decode.py --preset llama-3.1-8b --len ${DECODE_LEN:-8k} --tokens 48 --out "$OUT/decode_check.json" \
+        > "$OUT/decode_check.log" 2>&1
+    echo "decode check exit $?"
+    cat "$OUT/decode_check.log" | tail -n 30
+    for mode in eager graph; do
+        timeout 200 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 32k --hosts 2 \
+            --methods single,full,apb --repeat 1 --decode-tokens 32 --breakdown none --decode $mode --json \
+            > "$OUT/decode_32k_$mode.json" 2> "$OUT/decode_32k_$mode.log"
+        echo "bench 32k $mode exit $?"
+    done
+    timeout 400 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 128k --hosts 2 \
+        --methods single,ring,full,star,apb --repeat 2 --decode-tokens 128 --breakdown none --json \
+        > "$OUT/bench_128k.json" 2> "$OUT/bench_128k.log"
+    echo "bench 128k exit $?"
+    tail -n 40 "$OUT/bench_128k.log"
+    ;;
 *)
-    echo "usage: scripts/gpu_bench.sh kernels|x2" >&2
+    echo "usage: scripts/gpu_bench.sh kernels|x2|smoke|decode" >&2
     exit 2
     ;;
 esac

@@ -1,24 +1,29 @@
-"""Worker bodies for the multi-process engine tests (importable by spawned processes)."""
+"""Worker bodies for the multi-process engine tests (importable by the worker processes)."""
 
 from __future__ import annotations
 
 import torch
-from dist_utils import tiny_model
+from conftest import tiny_model
 
-from apb_core.engine import HostEngine
-from apb_core.generate import Job, run_job
-from apb_core.methods import resolve_method
-from apb_core.prompt import Prompt
+from apb_core.algorithm.flops import ModelDims
+from apb_core.algorithm.methods import resolve_method
+from apb_core.runtime.cache import HostCache
+from apb_core.runtime.engine import DecodeCall, HostEngine
+from apb_core.runtime.generate import AskJob, run_job
+from apb_core.runtime.prompt import Prompt
 
 
 def answer(rank, hosts, kind, context_ids, query_ids, methods, question_ids=(), insert_at=0, probe_ids=()):
-    """Run each (method, anchor_len, passing_len) on this host; returns [(first_logits, tokens)]."""
+    """Run each (method, anchor_len, passing_len[, layout]) on this host; returns [(first_logits, tokens)].
+    Layout "balanced" sizes the blocks with the FLOP model of the tiny model (default: equal blocks)."""
     engine = HostEngine(tiny_model(kind), rank, hosts)
     prompt = Prompt(list(context_ids), list(query_ids), list(question_ids), list(probe_ids), insert_at)
     out = []
-    for name, anchor_len, passing_len in methods:
-        method = resolve_method(name, len(context_ids), hosts, anchor_len, passing_len)
-        result = run_job(engine, Job(prompt, method, max_new_tokens=16), tokenizer=None)
+    for name, anchor_len, passing_len, *layout in methods:
+        dims = ModelDims.from_config(engine.model.config) if layout == ["balanced"] else None
+        method = resolve_method(name, len(context_ids), hosts, anchor_len, passing_len, dims=dims,
+                                auto_exact=False, layout=layout[0] if layout else "equal")
+        result = run_job(engine, AskJob(prompt, method, max_new_tokens=16), tokenizer=None)
         out.append((result.first_logits, result.token_ids, result.passing_tokens))
     return out
 
@@ -35,13 +40,11 @@ def decode_merge(rank, hosts, seed):
     engine = HostEngine(tiny_model("llama"), rank, hosts)
     bounds = torch.linspace(0, n, hosts + 1).long().tolist()
     lo, hi = bounds[rank], bounds[rank + 1]
-    from apb_core.cache import HostCache
-
     engine.cache = HostCache(1, hkv, d, hi - lo + s, torch.float32, "cpu")
     engine.cache.write(0, 0, k_all[:, :, lo:hi], v_all[:, :, lo:hi])
     engine.cache.length = hi - lo
-    engine.phase = "decode"
-    out = engine._decode_attention(0, q, k_new, v_new, scale=d**-0.5)
+    call = DecodeCall(engine.cache, hosts, engine.is_last, group=None)
+    out = call.attend(0, q, k_new, v_new, scale=d**-0.5)
     return out, (q, k_all, v_all, k_new, v_new)
 
 
@@ -50,5 +53,5 @@ def retaining(rank, hosts, heads_path, context_ids, query_ids):
     engine = HostEngine(tiny_model("llama"), rank, hosts, retaining_heads=heads_path)
     prompt = Prompt(list(context_ids), list(query_ids), [], [], 0)
     method = resolve_method("apb", len(context_ids), hosts, 4, 6, scorer="retaining_heads")
-    result = run_job(engine, Job(prompt, method, max_new_tokens=4), tokenizer=None)
+    result = run_job(engine, AskJob(prompt, method, max_new_tokens=4), tokenizer=None)
     return result.first_logits, result.passing_tokens

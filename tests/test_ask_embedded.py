@@ -1,6 +1,7 @@
 """The embedded model (SmolLM2-135M-Instruct GGUF) through run_ask: H = 2 APB answers a planted fact."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_apb_two_hosts_answers_planted_fact(document):
     """Compressed APB (auto-exact off) finds the fact; the default at this size is the exact layout."""
     request = AskRequest(document=document, questions=[QUESTION], hosts=2, method="apb", max_new_tokens=24)
     with Session(request) as session:
-        result = session.answer(document, QUESTION, auto_exact=False)
+        result = session.answer(document, QUESTION, settings=replace(request, auto_exact=False))
         assert 2500 <= result.context_tokens <= 3600
         assert "7481" in result.answer
         assert result.hosts == 2 and result.method == "apb" and not result.auto_exact
@@ -60,8 +61,8 @@ def test_prompt_longer_than_window_is_one_clear_error():
 
 @pytest.mark.parametrize("mode", ["middle", "end"])
 def test_truncate_fits_the_window_and_keeps_the_right_part(mode):
-    from apb_core import model as models
-    from apb_core.prompt import build_prompt
+    from apb_core import models
+    from apb_core.runtime.prompt import build_prompt
 
     tokenizer = models.load_tokenizer(models.resolve_model(None))
     long_doc = haystack(1200) + " The final sentence is here."

@@ -5,17 +5,15 @@ import itertools
 import pytest
 import torch
 
-from apb_core.attention import apb_attention, apb_attention_reference, apb_mask, merge_partials
+from apb_core.algorithm.attention import apb_attention, apb_attention_reference, apb_mask, merge_partials
 from kernels import attention_with_lse, reference_attention
-from kernels.apb_mask import padded_causal_attention
 
 CASES = list(itertools.product([0, 1, 7, 16], [0, 5, 33], [1, 9, 40]))  # anchor, passing, local
 
 
-@pytest.mark.parametrize("op", [apb_attention, padded_causal_attention], ids=["split", "padded"])
 @pytest.mark.parametrize("anchor,passing,local", CASES)
-def test_apb_attention_matches_dense_reference(anchor, passing, local, op):
-    """Both fast paths of the APB mask (three calls + LSE merge; one padded causal call) == the dense mask."""
+def test_apb_attention_matches_dense_reference(anchor, passing, local):
+    """The engine's APB-mask path (three calls + LSE merge) == the dense masked reference."""
     g = torch.Generator().manual_seed(anchor * 1000 + passing * 10 + local)
     hq, hkv, d = 6, 2, 16
     q = torch.randn(1, hq, anchor + local, d, generator=g)
@@ -23,7 +21,7 @@ def test_apb_attention_matches_dense_reference(anchor, passing, local, op):
     v = torch.randn(1, hkv, anchor + local, d, generator=g)
     kp = torch.randn(1, hkv, passing, d, generator=g) if passing else None
     vp = torch.randn(1, hkv, passing, d, generator=g) if passing else None
-    fast = op(q, k, v, anchor, kp, vp, scale=d**-0.5)
+    fast = apb_attention(q, k, v, anchor, kp, vp, scale=d**-0.5)
     ref = apb_attention_reference(q, k, v, anchor, kp, vp, scale=d**-0.5)
     assert fast.shape == ref.shape
     assert (fast - ref).abs().max().item() <= 1e-5

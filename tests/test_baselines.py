@@ -1,44 +1,29 @@
 """Exact baselines: ring (zigzag) and Ulysses over gloo workers equal full attention; the padded APB kernel
-equals the dense reference. One process spawn per host count runs every multi-process check."""
+equals the dense reference. One start of the workers per host count runs every multi-process check."""
 
 
 import pytest
 import torch
 from bench_workers import everything
-from dist_utils import run_hosts, tiny_model
+from conftest import reference, run_hosts, tiny_model, tokens
 
-from apb_core.ring import ring_pairs, zigzag_plans
-from apb_core.ulysses import block_plans, head_groups, ulysses_pairs
+from apb_core.algorithm.flops import apb_pairs
+from apb_core.baselines.ring import ring_pairs, zigzag_plans
+from apb_core.baselines.ulysses import block_plans, head_groups, ulysses_pairs
 from kernels import reference_attention
-from kernels.apb_mask import apb_pairs, padded_waste
 
 CTX_LEN, QUERY_LEN, NEW_TOKENS = 61, 5, 16  # odd lengths: chunks and blocks of unequal size
-KINDS = ["llama", "mistral"]  # 4 q / 2 kv heads, and 4 q / 1 kv head (Ulysses replicates the KV head)
+# kind -> config overrides: the llama preset's 4 q / 2 kv heads, and mistral with 4 q / 1 kv head (Ulysses
+# replicates the KV head)
+KINDS = {"llama": {}, "mistral": {"num_key_value_heads": 1}}
 OP_SHAPES = [(6, 2), (4, 4), (6, 3)]  # head splits that cut GQA groups across hosts
-
-
-def _tokens(seed: int, n: int) -> list[int]:
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _reference(kind: str, ctx: list[int], query: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Plain transformers (sdpa), full recompute per token: logits after ctx+query, greedy tokens."""
-    model = tiny_model(kind)
-    ids, tokens, first = ctx + query, [], None
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            tokens.append(int(logits.argmax()))
-            ids = ids + [tokens[-1]]
-    return first, tokens
 
 
 @pytest.fixture(scope="module", params=[2, 3])
 def spawned(request):
-    """Every multi-process result for one host count (one spawn: process start-up dominates the time)."""
+    """Every multi-process result for one host count (one start of the workers: start-up dominates the time)."""
     hosts = request.param
-    ctx, query = _tokens(hosts, CTX_LEN), _tokens(50 + hosts, QUERY_LEN)
+    ctx, query = tokens(hosts, CTX_LEN), tokens(50 + hosts, QUERY_LEN)
     results = run_hosts(everything, hosts, ctx, query, KINDS, NEW_TOKENS, 7, 45, OP_SHAPES)
     return hosts, ctx, query, [r[0] for r in results], [r[1] for r in results]
 
@@ -46,13 +31,13 @@ def spawned(request):
 @pytest.mark.parametrize("kind", KINDS)
 def test_ring_and_ulysses_equal_full_attention(spawned, kind):
     hosts, ctx, query, results, _ = spawned
-    ref_logits, ref_tokens = _reference(kind, ctx, query)
+    ref_logits, ref_tokens = reference(tiny_model(kind, **KINDS[kind]), ctx, query, NEW_TOKENS)
     for method in ("ring", "ulysses"):
         held = 0
         for rank in range(hosts):
-            logits, tokens, block_len = results[rank][(kind, method)]
+            logits, generated, block_len = results[rank][(kind, method)]
             assert (logits - ref_logits).abs().max().item() <= 1e-4, (method, rank)
-            assert tokens == ref_tokens, (method, rank)
+            assert generated == ref_tokens, (method, rank)
             held += block_len
         assert held == CTX_LEN  # every context token cached exactly once
 
@@ -103,14 +88,11 @@ def test_ulysses_needs_a_head_per_host():
         head_groups(2, 1, 3)
 
 
-def test_padded_call_waste_and_mask_pairs():
-    k = 1024
-    # 128K over 2 hosts, host 1: anchor 8K, passing 8K, block 64K -> about 3 % extra pairs
-    assert padded_waste(8 * k, 8 * k, 64 * k) == pytest.approx(0.031, abs=1e-3)
-    # 128K over 8 hosts, host 7: anchor 4K, passing 7 x 2K, block 16K -> about 37 %
-    assert padded_waste(4 * k, 14 * k, 16 * k) == pytest.approx(0.37, abs=0.01)
-    assert padded_waste(64 * k, 0, 64 * k) == 0  # Star: no passing, nothing wasted
-    assert apb_pairs(2, 3, 2) == 3 + 2 * 5 + 3  # the rows of test_attention's mask example
+def test_mask_pairs_count_the_dense_mask():
+    from apb_core.algorithm.attention import apb_mask
+
+    for a, p, n in [(2, 3, 2), (0, 0, 9), (5, 0, 7), (0, 11, 4), (8, 16, 64)]:
+        assert apb_pairs(a, p, n) == int(apb_mask(a, p, n).sum())
 
 
 def _cpu_kernel(q, k, v, causal, scale, head_map):

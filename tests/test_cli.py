@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import apb_cli.main as cli_main
+from apb_cli import options
 from apb_cli.main import app
 from apb_core.api import AskRequest, AskResult, Event, HostStats
 from apb_core.errors import ApbError, InputError, WorkerError
@@ -59,7 +59,7 @@ def _module(monkeypatch: pytest.MonkeyPatch, name: str) -> types.ModuleType:
 
 
 def _contract_resolve_model(spec: str | None, allow_pickle: bool = False) -> Any:
-    """`resolve_model` as CONTRACTS.md describes it, for when apb_core/model.py is not there yet."""
+    """`resolve_model` as CONTRACTS.md describes it, for when apb_core/models is not there yet."""
     if spec is None:
         return types.SimpleNamespace(name="stand-in default model")
     path = Path(spec)
@@ -119,7 +119,7 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         return results
 
     monkeypatch.setattr(_module(monkeypatch, "apb_core.ask"), "run_ask", fake_run_ask, raising=False)
-    model = _module(monkeypatch, "apb_core.model")
+    model = _module(monkeypatch, "apb_core.models")
     if not hasattr(model, "resolve_model"):
         monkeypatch.setattr(model, "resolve_model", _contract_resolve_model, raising=False)
     return state
@@ -135,7 +135,7 @@ def no_model_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         raise AssertionError("run_ask must not be called for bad input")
 
     monkeypatch.setattr(_module(monkeypatch, "apb_core.ask"), "run_ask", forbidden, raising=False)
-    model = _module(monkeypatch, "apb_core.model")
+    model = _module(monkeypatch, "apb_core.models")
     if not hasattr(model, "resolve_model"):
         monkeypatch.setattr(model, "resolve_model", _contract_resolve_model, raising=False)
     return calls
@@ -228,7 +228,7 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 def test_bad_input_is_one_line_exit_2(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_work: dict[str, int]
 ) -> None:
-    monkeypatch.setattr(cli_main, "_cuda_count", lambda: 0)  # "no GPUs here", also on a GPU machine
+    monkeypatch.setattr(options, "cuda_count", lambda: 0)  # "no GPUs here", also on a GPU machine
     cases = _bad_inputs(tmp_path)
     assert sorted(cases) == sorted(BAD_INPUT_NAMES)
     args, word = cases[case]
@@ -251,7 +251,7 @@ def test_document_is_checked_before_the_model(tmp_path: Path, no_model_work: dic
 
 
 def test_hosts_beyond_visible_gpus(doc: Path, monkeypatch: pytest.MonkeyPatch, no_model_work: Any) -> None:
-    monkeypatch.setattr(cli_main, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(options, "cuda_count", lambda: 2)
     line = assert_one_line_error(invoke("ask", str(doc), "q?", "--device", "cuda", "--hosts", "3"))
     assert "3 GPUs" in line and "2" in line
     line = assert_one_line_error(invoke("ask", str(doc), "q?", "--hosts", "4"))  # auto resolves to cuda
@@ -270,7 +270,7 @@ def test_streamed_answer_is_all_of_stdout(doc: Path, engine: dict[str, Any]) -> 
 
 
 def test_request_carries_the_options(doc: Path, engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_main, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(options, "cuda_count", lambda: 0)
     result = invoke(
         "ask", str(doc), "first?", "-q", "second?", "--question", "third?",
         "--method", "star", "--anchor-len", "64", "--passing-len", "ALL", "--max-new-tokens", "7",
@@ -288,16 +288,16 @@ def test_request_carries_the_options(doc: Path, engine: dict[str, Any], monkeypa
 
 
 def test_defaults_on_cpu_and_on_gpus(doc: Path, engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_main, "_cuda_count", lambda: 0)
-    monkeypatch.setattr(cli_main.os, "cpu_count", lambda: 2)  # small machines run one host (docs/benchmarks.md)
+    monkeypatch.setattr(options, "cuda_count", lambda: 0)
+    monkeypatch.setattr(options.os, "cpu_count", lambda: 2)  # small machines run one host (docs/benchmarks.md)
     assert invoke("ask", str(doc), "q?").exit_code == 0
     assert engine["requests"][-1].hosts == 1
-    monkeypatch.setattr(cli_main.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(options.os, "cpu_count", lambda: 8)
     assert invoke("ask", str(doc), "q?", "--passing-len", "32").exit_code == 0
     request = engine["requests"][-1]
     assert (request.hosts, request.device, request.passing_len, request.max_new_tokens) == (2, "cpu", 32, 128)
     assert (request.temperature, request.top_p, request.seed, request.truncate) == (0.0, 1.0, 0, "none")
-    monkeypatch.setattr(cli_main, "_cuda_count", lambda: 4)
+    monkeypatch.setattr(options, "cuda_count", lambda: 4)
     assert invoke("ask", str(doc), "q?").exit_code == 0
     assert (engine["requests"][-1].hosts, engine["requests"][-1].device) == (4, "cuda")
     assert invoke("ask", str(doc), "q?", "--device", "cpu").exit_code == 0
@@ -326,7 +326,7 @@ def test_json_is_exactly_one_object(doc: Path, engine: dict[str, Any]) -> None:
     assert JSON_KEYS <= set(payload)
     assert TIMING_KEYS <= set(payload["timings"])
     assert payload["answer"] == "Answer 1: 7481."
-    expected = (cli_main.default_cpu_hosts(), "cpu", "fake-model")
+    expected = (options.default_cpu_hosts(), "cpu", "fake-model")
     assert (payload["hosts"], payload["device"], payload["model"]) == expected
     assert "answers" not in payload
     assert "Timings" in result.stderr  # the tables still go to stderr
@@ -444,7 +444,7 @@ def test_info_reports_a_missing_default_model(monkeypatch: pytest.MonkeyPatch) -
     def missing(spec: str | None, allow_pickle: bool = False) -> Any:
         raise InputError("default model is not installed")
 
-    monkeypatch.setattr(_module(monkeypatch, "apb_core.model"), "resolve_model", missing, raising=False)
+    monkeypatch.setattr(_module(monkeypatch, "apb_core.models"), "resolve_model", missing, raising=False)
     result = invoke("info", "--json")
     assert result.exit_code == 0
     payload = json.loads(result.stdout)
@@ -461,3 +461,99 @@ def test_help_lists_every_ask_option() -> None:
         "--allow-pickle", "--threads",
     ):  # fmt: skip
         assert option in result.stdout
+
+
+# -- apb_cli.options: the pieces every command shares -----------------------------------------------------------
+def test_ask_methods_are_the_engines() -> None:
+    methods = pytest.importorskip("apb_core.algorithm.methods")
+    assert options.METHODS == methods.METHODS
+
+
+def test_parse_tokens() -> None:
+    assert options.parse_tokens("2k,32k, 128k,131072") == [2048, 32768, 131072, 131072]
+    assert options.parse_tokens("1m") == [1048576]
+    assert [options.parse_tokens(x) for x in ("4k", "7.5k", "8K", "4000")] == [[4096], [7680], [8192], [4000]]
+    for bad in ("", ",", "12q", "1.5", "-3k", "k", "0", "nan", "inf", "1e400"):
+        with pytest.raises(InputError, match="--len"):
+            options.parse_tokens(bad)
+
+
+def test_parse_passing_len() -> None:
+    assert [options.parse_passing_len(x) for x in (None, "ALL", " 7 ", "0", 5)] == [None, "all", 7, 0, 5]
+    with pytest.raises(InputError, match="whole number or 'all'"):
+        options.parse_passing_len("some")
+    with pytest.raises(InputError, match="must not be negative"):
+        options.parse_passing_len("-1")
+
+
+def test_one_cpu_default_for_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_gpu = lambda: 0  # noqa: E731
+    for cores, hosts in ((1, 1), (2, 1), (3, 1), (4, 2), (64, 2)):
+        monkeypatch.setattr(options.os, "cpu_count", lambda cores=cores: cores)
+        assert options.resolve_device_hosts("auto", None, no_gpu) == ("cpu", hosts)
+    assert options.resolve_device_hosts("cpu", 3, lambda: pytest.fail("cuda_count called for --device cpu")) == (
+        "cpu", 3
+    )
+    assert options.resolve_device_hosts("auto", None, lambda: 4) == ("cuda", 4)
+    with pytest.raises(InputError, match="--device cuda: no CUDA GPU"):
+        options.resolve_device_hosts("cuda", None, no_gpu)
+    with pytest.raises(InputError, match="--hosts 3 needs 3 GPUs but only 2"):
+        options.resolve_device_hosts("cuda", 3, lambda: 2)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (InputError("bad\ninput"), 2, "apb: error: bad input"),
+        (WorkerError("host 1 failed"), 1, "apb: error: host 1 failed"),
+        (options.Terminated(), 143, "apb: terminated"),
+        (KeyboardInterrupt(), 130, "apb: interrupted"),
+        (RuntimeError("boom"), 1, "apb: error: unexpected RuntimeError: boom (set APB_DEBUG=1 for the traceback)"),
+    ],
+)
+def test_run_command_is_the_one_handler(
+    error: BaseException, code: int, line: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("APB_DEBUG", raising=False)
+
+    def body() -> int:
+        raise error
+
+    assert options.run_command(body) == code
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", line + "\n")
+
+
+def test_run_command_turns_sigterm_into_exit_143(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    def body() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert options.run_command(body) == 143
+    assert capsys.readouterr().err == "apb: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
+
+
+def test_run_command_is_silent_on_a_closed_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(options, "_silence_stdout", lambda: None)  # the test's own stdout stays usable
+    lines: list[str] = []
+    monkeypatch.setattr(options, "_fail", lambda line, code: lines.append(line) or code)
+
+    def body() -> int:
+        raise BrokenPipeError()
+
+    assert options.run_command(body) == 1
+    assert lines == []
+
+
+def test_torchrun_follower_prints_nothing(doc: Path, engine: dict[str, Any]) -> None:
+    result = invoke("ask", str(doc), "q?", "--json", env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert result.exit_code == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert engine["calls"] == 1  # it computes all the same
+    leader = invoke("ask", str(doc), "q?", "--quiet", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert leader.stdout == "Answer 1: 7481.\n"

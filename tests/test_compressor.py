@@ -2,7 +2,7 @@
 
 import torch
 
-from apb_core.compressor import query_aware_scores, random_scores, select_top
+from apb_core.algorithm.compressor import query_aware_scores, random_scores, select_top
 
 
 def test_query_aware_keeps_planted_tokens():

@@ -2,53 +2,40 @@
 
 import pytest
 import torch
-from dist_utils import run_hosts, tiny_model
+from conftest import reference, run_hosts, tiny_model, tokens
 from engine_workers import answer, decode_merge
 
+from apb_core.algorithm.flops import ModelDims
+from apb_core.algorithm.methods import resolve_method
 from kernels import reference_attention
 
 CTX_LEN, QUERY_LEN = 61, 5  # odd lengths: blocks of unequal size
 
 
-def _tokens(seed: int, n: int) -> list[int]:
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _reference(kind, ctx, query, new_tokens=16):
-    """Plain transformers (sdpa), full recompute each step: last-token logits of ctx+query, greedy tokens."""
-    model = tiny_model(kind)
-    ids = ctx + query
-    tokens, first = [], None
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            tokens.append(int(logits.argmax()))
-            ids = ids + [tokens[-1]]
-    return first, tokens
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("hosts", [2, 3, 4])
 def test_exact_mode_equals_full_attention(kind, hosts):
-    ctx, query = _tokens(hosts, CTX_LEN), _tokens(100 + hosts, QUERY_LEN)
-    ref_logits, ref_tokens = _reference(kind, ctx, query)
-    methods = [("full", None, None), ("apb", 0, "all")]
+    ctx, query = tokens(hosts, CTX_LEN), tokens(100 + hosts, QUERY_LEN)
+    ref_logits, ref_tokens = reference(tiny_model(kind), ctx, query)
+    methods = [("full", None, None), ("apb", 0, "all"), ("full", None, None, "balanced"), ("apb", 0, "all", "balanced")]
+    dims = ModelDims.from_config(tiny_model(kind).config)
+    balanced = resolve_method("full", CTX_LEN, hosts, dims=dims, layout="balanced").block_lens
+    assert len(set(balanced)) > 1 and sum(balanced) == CTX_LEN  # the balanced run really cuts unequal blocks
     results = run_hosts(answer, hosts, kind, ctx, query, methods)
     for m in range(len(methods)):
         for rank in range(hosts):
-            logits, tokens, _ = results[rank][m]
+            logits, generated, _ = results[rank][m]
             assert (logits - ref_logits).abs().max().item() <= 1e-4, (methods[m], rank)
-            assert tokens == ref_tokens, (methods[m], rank)
+            assert generated == ref_tokens, (methods[m], rank)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "mistral"])
 def test_one_host_is_plain_full_attention(kind):
-    ctx, query = _tokens(7, 40), _tokens(8, 4)
-    ref_logits, ref_tokens = _reference(kind, ctx, query)
-    [[(logits, tokens, _)]] = run_hosts(answer, 1, kind, ctx, query, [("full", None, None)])
+    ctx, query = tokens(7, 40), tokens(8, 4)
+    ref_logits, ref_tokens = reference(tiny_model(kind), ctx, query)
+    [[(logits, generated, _)]] = run_hosts(answer, 1, kind, ctx, query, [("full", None, None)])
     assert (logits - ref_logits).abs().max().item() <= 1e-4
-    assert tokens == ref_tokens
+    assert generated == ref_tokens
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
@@ -98,7 +85,7 @@ def _star_reference(kind, ctx, query, hosts):
 
 @pytest.mark.parametrize("hosts", [2, 3])
 def test_star_equals_independent_reference(hosts):
-    ctx, query = _tokens(20 + hosts, CTX_LEN), _tokens(30 + hosts, QUERY_LEN)
+    ctx, query = tokens(20 + hosts, CTX_LEN), tokens(30 + hosts, QUERY_LEN)
     ref = _star_reference("llama", ctx, query, hosts)
     results = run_hosts(answer, hosts, "llama", ctx, query, [("star", None, None)])
     for rank in range(hosts):
@@ -108,9 +95,9 @@ def test_star_equals_independent_reference(hosts):
 
 
 def test_apb_compressed_runs_and_differs_from_exact():
-    ctx, query = _tokens(5, 80), _tokens(6, 6)
+    ctx, query = tokens(5, 80), tokens(6, 6)
     methods = [("apb", 8, 4), ("apb", 0, "all")]
-    results = run_hosts(answer, 2, "llama", ctx, query, methods, _tokens(9, 3), 2, query[:3])
+    results = run_hosts(answer, 2, "llama", ctx, query, methods, tokens(9, 3), 2, query[:3])
     (apb_logits, _, apb_passing), (exact_logits, _, exact_passing) = results[1]
     assert apb_passing == 4 and exact_passing == 40
     assert torch.isfinite(apb_logits).all()

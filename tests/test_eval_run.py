@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from apb_cli.eval import format_cell, parse_length
+from apb_cli.eval import format_cell
 from apb_cli.main import app
-from apb_core.api import AskResult
+from apb_cli.options import parse_tokens
+from apb_core.api import AskRequest, AskResult
 from apb_core.errors import InputError
 from apb_core.eval.runner import EvalConfig, read_rows, run_eval, summarise
 
@@ -66,10 +67,10 @@ def test_tiny_real_run_writes_rows_and_summary(tmp_path: Path) -> None:
 class _FakeSession:
     """Stands in for apb_core.ask.Session: the real tokenizer (the generators size with it), canned answers."""
 
-    calls: list[tuple[int, dict[str, Any]]] = []
+    calls: list[tuple[int, AskRequest]] = []
 
     def __init__(self, request: Any, on_event: Any = None) -> None:
-        from apb_core import model as models
+        from apb_core import models
 
         self.hosts = request.hosts
         self.tokenizer = models.load_tokenizer(models.resolve_model(None))
@@ -82,12 +83,13 @@ class _FakeSession:
         pass
 
     def answer(self, document: str, question: str, index: int = 0, answer_prefix: str = "",
-               **overrides: Any) -> AskResult:
-        _FakeSession.calls.append((self.hosts, overrides))
+               t_start: float | None = None, settings: AskRequest | None = None) -> AskResult:
+        assert settings is not None
+        _FakeSession.calls.append((self.hosts, settings))
         # full finds the needle, apb does not: the summary must show -100 for apb
         number = re.search(r"is: (\d+)\.", document)
-        text = number.group(1) if overrides["method"] == "full" and number else "no idea"
-        return AskResult(question=question, answer=text, model="fake", method=overrides["method"], hosts=self.hosts,
+        text = number.group(1) if settings.method == "full" and number else "no idea"
+        return AskResult(question=question, answer=text, model="fake", method=settings.method, hosts=self.hosts,
                          device="cpu", prompt_tokens=500, context_tokens=450, generated_tokens=3, anchor_len=0,
                          passing_len=0, timings={"prefill_s": 1.0, "decode_s": 0.5, "total_s": 1.5},
                          prefill_tokens_per_s=450.0)
@@ -102,11 +104,12 @@ def test_full_runs_once_and_is_reused_for_other_hosts(tmp_path: Path, monkeypatc
                         hosts=[2, 4], ablation={"compressor": "random", "passing_len": 0})
     summary = run_eval(config, out_path=tmp_path / "rows.jsonl")
 
-    asked = [(h, o["method"]) for h, o in _FakeSession.calls]
+    asked = [(h, s.method) for h, s in _FakeSession.calls]
     assert asked.count((2, "full")) == 2 and (4, "full") not in asked  # full ran once per sample, at H=2
     assert asked.count((4, "apb")) == 2 and asked.count((4, "star")) == 2
-    for _, overrides in _FakeSession.calls:  # ablations reach apb only
-        assert ("compressor" in overrides) == (overrides["method"] == "apb")
+    for _, settings in _FakeSession.calls:  # ablations reach apb only
+        assert (settings.compressor == "random") == (settings.method == "apb")
+        assert (settings.passing_len == 0) == (settings.method == "apb")
     rows = read_rows(tmp_path / "rows.jsonl")
     assert len(rows) == 2 * 3 * 2
     reused = [r for r in rows if r["reused_from_hosts"] is not None]
@@ -134,10 +137,10 @@ def test_summarise_averages_tasks_and_deltas() -> None:
 
 
 def test_parse_length_and_cells() -> None:
-    assert [parse_length(x) for x in ("4k", "7.5k", "8K", "4000")] == [4096, 7680, 8192, 4000]
+    assert [parse_tokens(x) for x in ("4k", "7.5k", "8K", "4000")] == [[4096], [7680], [8192], [4000]]
     for bad in ("0", "-1k", "4q", "1.5", "nan"):
         with pytest.raises(InputError):
-            parse_length(bad)
+            parse_tokens(bad)
     assert format_cell({"accuracy": 66.666, "delta_vs_full": -33.333}, "apb") == "66.7 (-33.3)"
     assert format_cell({"accuracy": 100.0, "delta_vs_full": 0.0}, "full") == "100.0"
     assert format_cell(None, "star") == "-"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from apb_core.layout import build_anchor, default_lengths, plan_hosts, split_blocks
+from apb_core.algorithm.layout import build_anchor, default_lengths, plan_hosts, split_blocks
 
 
 @pytest.mark.parametrize("n,hosts", [(10, 3), (7, 7), (1001, 4), (128 * 1024 + 5, 8)])

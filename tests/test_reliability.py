@@ -2,11 +2,12 @@
 phase, and SIGINT/SIGTERM/SIGKILL sent to `apb` in any phase, leave no process behind, one stderr line and the
 documented exit code, within a bounded time.
 
-Every case runs the real CLI (`python -m apb_cli.main ask`) as a subprocess on a tiny random llama that uses
-the embedded model's tokenizer, with 2 gloo workers and an injected fault (`apb_core.faults`, APB_FAULT).
-Each run is tagged with an environment variable; its processes are found by scanning /proc/*/environ, so a
-worker that outlives `apb` (an orphan) is caught whatever its parent became. The fault hook's marker files
-tell a test which phase a run has reached. Run with -s to see the table of measured times to a clean exit.
+Every case runs the real CLI (`python -m apb_cli.main ask`) as a subprocess on the tiny random llama with the
+embedded model's tokenizer (conftest's `tiny_model_dir`), with 2 gloo workers and an injected fault
+(`apb_core.dist.faults`, APB_FAULT). Each run is tagged with an environment variable; its processes are found
+by scanning /proc/*/environ (conftest's `tagged`), so a worker that outlives `apb` (an orphan) is caught
+whatever its parent became. The fault hook's marker files tell a test which phase a run has reached. Run with
+-s to see the table of measured times to a clean exit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_model, tagged
 from typer.testing import CliRunner
 
 from apb_cli.main import app
@@ -52,58 +54,6 @@ def timing_table():
             print(f"{case:<33} {code:>4}  {to_exit:>15.2f}  {to_gone:>15.2f}")
 
 
-def _save_tiny(folder: Path, tokenizer, **overrides) -> None:
-    """A 2-layer random llama with `tokenizer`'s vocabulary, saved with the tokenizer (as safetensors, or as a
-    pickle checkpoint with pickle=True)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    pickle = overrides.pop("pickle", False)
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if pickle:  # what older checkpoints ship: pytorch_model.bin and no safetensors
-        (folder / "model.safetensors").unlink()
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from apb_core.errors import ApbError
-    from apb_core.model import load_tokenizer, resolve_model
-
-    if os.environ.get("APB_TEST_TOKENIZER"):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(os.environ["APB_TEST_TOKENIZER"])
-    try:
-        return load_tokenizer(resolve_model(None))
-    except ApbError as exc:
-        pytest.skip(f"needs the embedded model's tokenizer: {exc}")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    _save_tiny(folder, tokenizer)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("doc") / "fox.txt"
@@ -112,22 +62,6 @@ def doc(tmp_path_factory) -> Path:
 
 
 # -- running apb and watching its processes ----------------------------------------------------------------------
-def tagged(tag: str) -> list[int]:
-    """Pids of live processes whose environment holds APB_TEST_RUN=tag (zombies have no environment)."""
-    needle = f"APB_TEST_RUN={tag}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 @dataclass
 class Run:
     proc: subprocess.Popen
@@ -259,8 +193,8 @@ FAULTS = [(kind, phase) for kind in ("raise", "exit", "hang") for phase in PHASE
 
 
 @pytest.mark.parametrize("kind,phase", FAULTS, ids=[f"{k}-{p}" for k, p in FAULTS])
-def test_worker_fault_ends_every_process_with_one_line(kind, phase, tmp_path, model_dir, doc):
-    run = start_apb(tmp_path, model_dir, doc, fault=f"rank=1,phase={phase},kind={kind}")
+def test_worker_fault_ends_every_process_with_one_line(kind, phase, tmp_path, tiny_model_dir, doc):
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault=f"rank=1,phase={phase},kind={kind}")
     code = run.wait(timeout=90.0)
     fired = (run.markers / f"{phase}-1").stat().st_mtime
     gone = run.wait_gone()
@@ -273,8 +207,8 @@ def test_worker_fault_ends_every_process_with_one_line(kind, phase, tmp_path, mo
     assert to_exit < limit, f"{to_exit:.1f} s from the fault to apb's exit"
 
 
-def test_out_of_memory_names_the_hosts_the_length_and_what_fits(tmp_path, model_dir, doc):
-    run = start_apb(tmp_path, model_dir, doc, fault="rank=*,phase=prefill,kind=oom")
+def test_out_of_memory_names_the_hosts_the_length_and_what_fits(tmp_path, tiny_model_dir, doc):
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=*,phase=prefill,kind=oom")
     code = run.wait(timeout=60.0)
     fired = min((run.markers / f"prefill-{r}").stat().st_mtime for r in (0, 1))
     gone = run.wait_gone()
@@ -297,8 +231,8 @@ def test_out_of_memory_names_the_hosts_the_length_and_what_fits(tmp_path, model_
     TIMINGS.append(("oom in prefill (both ranks)", str(code), run.exited_at - fired, gone - fired))
 
 
-def test_out_of_memory_with_one_host_is_the_same_line(tmp_path, model_dir, doc):
-    run = start_apb(tmp_path, model_dir, doc, "--hosts", "1", fault="rank=0,phase=decode,kind=oom")
+def test_out_of_memory_with_one_host_is_the_same_line(tmp_path, tiny_model_dir, doc):
+    run = start_apb(tmp_path, tiny_model_dir, doc, "--hosts", "1", fault="rank=0,phase=decode,kind=oom")
     code = run.wait(timeout=60.0)
     fired = (run.markers / "decode-0").stat().st_mtime
     gone = run.wait_gone()
@@ -317,12 +251,12 @@ SIGNALS = [(sig, phase) for sig in ("SIGINT", "SIGTERM") for phase in PHASES]
 
 
 @pytest.mark.parametrize("sig,phase", SIGNALS, ids=[f"{s}-{p}" for s, p in SIGNALS])
-def test_signal_stops_every_worker(sig, phase, tmp_path, model_dir, doc):
+def test_signal_stops_every_worker(sig, phase, tmp_path, tiny_model_dir, doc):
     """Worker 1 hangs in `phase` (worker 0 waits for it: in a collective in prefill and decode), so the run is
     certainly in that phase when the signal comes. SIGINT goes to the whole process group, as Ctrl-C in a
     terminal does; SIGTERM to apb alone, as `kill PID` does. The collective timeout is long: only the signal
     can end the run."""
-    run = start_apb(tmp_path, model_dir, doc, fault=f"rank=1,phase={phase},kind=hang", collective_timeout=120)
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault=f"rank=1,phase={phase},kind=hang", collective_timeout=120)
     run.wait_marker(f"{phase}-1")
     if phase != "load":
         run.wait_marker(f"{phase}-0")
@@ -340,9 +274,9 @@ def test_signal_stops_every_worker(sig, phase, tmp_path, model_dir, doc):
     TIMINGS.append((f"{sig} in {phase}", str(code), run.exited_at - sent, gone - sent))
 
 
-def test_workers_die_with_a_killed_apb(tmp_path, model_dir, doc):
+def test_workers_die_with_a_killed_apb(tmp_path, tiny_model_dir, doc):
     """SIGKILL leaves apb no chance to stop its workers: they notice their parent is gone by themselves."""
-    run = start_apb(tmp_path, model_dir, doc, fault="rank=1,phase=prefill,kind=hang", collective_timeout=120)
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=1,phase=prefill,kind=hang", collective_timeout=120)
     run.wait_marker("prefill-1")
     run.wait_marker("prefill-0")
     time.sleep(0.3)
@@ -363,8 +297,8 @@ def test_workers_die_with_a_killed_apb(tmp_path, model_dir, doc):
     ],
     ids=["hosts-1e6", "anchor-and-passing-1e9"],
 )
-def test_absurd_numbers_with_the_real_engine(args, code, words, tmp_path, model_dir, doc):
-    run = start_apb(tmp_path, model_dir, doc, *args)
+def test_absurd_numbers_with_the_real_engine(args, code, words, tmp_path, tiny_model_dir, doc):
+    run = start_apb(tmp_path, tiny_model_dir, doc, *args)
     assert run.wait(timeout=60.0) == code, run.stderr()
     run.wait_gone()
     if code:
@@ -378,9 +312,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def pickle_dir(tmp_path_factory, tokenizer) -> Path:
+def pickle_dir(tmp_path_factory, embedded_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-pickle")
-    _save_tiny(folder, tokenizer, pickle=True)
+    save_tiny_model(folder, embedded_tokenizer, pickle=True)
     assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
     return folder
 
@@ -416,12 +350,12 @@ def test_pickle_checkpoints_load_with_allow_pickle(tmp_path, pickle_dir, doc):
     ],
     ids=["gpt2", "kv-heads"],
 )
-def test_unsupported_config_is_one_clear_error(config, words, tmp_path, model_dir, doc):
+def test_unsupported_config_is_one_clear_error(config, words, tmp_path, tiny_model_dir, doc):
     import json
     import shutil
 
     folder = tmp_path / "model"
-    shutil.copytree(model_dir, folder)
+    shutil.copytree(tiny_model_dir, folder)
     base = json.loads((folder / "config.json").read_text())
     base.update(config)
     (folder / "config.json").write_text(json.dumps(base))

@@ -1,11 +1,11 @@
 """Retaining heads: RoPE is undone exactly for their inputs, and the scorer runs end to end over 2 hosts."""
 
 import torch
-from dist_utils import run_hosts, tiny_model
+from conftest import run_hosts, tiny_model
 from engine_workers import retaining
 from safetensors.torch import save_file
 
-from apb_core.engine import _unrotate
+from apb_core.algorithm.compressor import unrotate
 
 
 def test_unrotate_inverts_rope():
@@ -16,7 +16,7 @@ def test_unrotate_inverts_rope():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
-    assert (_unrotate(rotated, cos, sin) - x).abs().max() <= 1e-5
+    assert (unrotate(rotated, cos, sin) - x).abs().max() <= 1e-5
 
 
 def test_retaining_heads_scorer_over_two_hosts(tmp_path):

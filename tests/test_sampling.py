@@ -2,7 +2,7 @@
 
 import torch
 
-from apb_core.sampling import StopText, sample_next
+from apb_core.runtime.sampling import StopText, sample_next
 
 
 def test_greedy_is_argmax():

@@ -7,7 +7,7 @@ counts, score every answer, and summarise accuracy per (length, task, method, ho
 
 Why it is shaped this way:
 - One `Session` per hosts value: the model is loaded once per worker and reused for every sample and method
-  (methods and ablations switch through `Session.answer` overrides), because on a CPU a model load costs as
+  (methods and ablations switch through `Session.answer` settings), because on a CPU a model load costs as
   much as a short prefill.
 - `full` is exact at any H (passing carries every earlier token uncompressed; the engine tests prove it equals
   one-process attention), so it is computed once per sample at the first hosts value and its result is reused
@@ -30,15 +30,16 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
+from apb_core.algorithm.methods import METHODS
 from apb_core.api import AskRequest, AskResult
 from apb_core.errors import InputError
 from apb_core.eval.scoring import score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
 
-METHODS = ("full", "star", "apb")
+DEFAULT_METHODS = ("full", "star", "apb")  # full first: its answers are the reference of the others
 ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact")
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(TASKS),
@@ -53,13 +54,13 @@ class EvalConfig:
 
     lengths: target prompt sizes in tokens (each sample is generated to at most this many).
     max_new_tokens: a cap on each task's own answer budget (None: the task's budget, RULER's values).
-    ablation: `Session.answer` overrides for `apb` only (keys in ABLATION_KEYS); empty = the engine defaults.
+    ablation: `Session.answer` settings for `apb` only (keys in ABLATION_KEYS); empty = the engine defaults.
     """
 
     tasks: list[str]
     lengths: list[int]
     samples: int = 3
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hosts: list[int] = field(default_factory=lambda: [2])
     model: str | None = None
     seed: int = 0
@@ -181,7 +182,7 @@ def run_eval(
     Raises InputError before any worker starts when a sample's prompt does not fit the model window.
     """
     from apb_core.ask import Session
-    from apb_core.prompt import build_prompt
+    from apb_core.runtime.prompt import build_prompt
 
     config.check()
     t_start = time.perf_counter()
@@ -212,12 +213,10 @@ def run_eval(
             with session:
                 for (length, task, index), sample in samples.items():
                     for method in methods:
-                        overrides: dict[str, Any] = {"method": method, "max_new_tokens": _new_tokens(config, sample),
-                                                     "seed": config.seed}
-                        if method == "apb":
-                            overrides.update(config.ablation)
+                        settings = replace(request, method=method, max_new_tokens=_new_tokens(config, sample),
+                                           **(config.ablation if method == "apb" else {}))
                         result = session.answer(sample.document, sample.question, asked,
-                                                answer_prefix=sample.answer_prefix, **overrides)
+                                                answer_prefix=sample.answer_prefix, settings=settings)
                         asked += 1
                         points = score(sample, result.answer)
                         row = _row(sample, result, method, hosts, points, length, None, config.ablation)

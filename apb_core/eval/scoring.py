@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from apb_core.eval.tasks import Sample
+    from apb_core.eval.sample import Sample
 
 
 def _check_refs(refs: Sequence[str]) -> None:

@@ -1,0 +1,1 @@
+"""Processes and process groups: the environment, the launcher, the one worker loop, fault injection."""

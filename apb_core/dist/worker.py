@@ -1,0 +1,169 @@
+"""What one worker process does: join the group, load the model once, run jobs until told to stop.
+
+There is one worker loop for every command. A job is any picklable object with
+`run(host: Host, emit) -> result`: `apb ask`'s `AskJob` (apb_core.runtime.generate) and `apb bench`'s
+`BenchJob` (apb_core.bench.host) both are, and so will the server's be. The same `Host` runs in this process
+for one host or a torchrun rank (apb_core.dist.launcher.InlineHost).
+
+Messages to the launcher on `events`: ("ready", rank, load_s) | ("event", Event) | ("result", rank, bytes) |
+("error", rank, text).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from apb_core.dist.env import Env, read_env
+from apb_core.dist.failures import describe, describe_oom, is_oom
+from apb_core.dist.faults import Faults
+
+PARENT_POLL_S = 0.2  # how soon a worker notices that its launcher is gone
+
+
+@dataclass
+class WorkerSpec:
+    """How every worker loads its model. `model`: local dir / .gguf / None (embedded); or `preset` for
+    random weights of a named shape (bench). `env`: the launcher's reading of the environment."""
+
+    model: str | None = None
+    preset: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    retaining_heads: str | None = None
+    allow_pickle: bool = False
+    seed: int = 0
+    decode: str = "auto"  # how one-token decode steps run (apb_core.runtime.engine.DECODE_MODES)
+    env: Env = field(default_factory=read_env)
+
+
+@dataclass
+class Host:
+    """A loaded host: its engine, the tokenizer (None for random-weight presets) and the run's faults."""
+
+    engine: Any  # apb_core.runtime.engine.HostEngine
+    tokenizer: Any
+    faults: Faults
+    load_s: float
+
+
+def device_for(spec: WorkerSpec, local_rank: int) -> torch.device:
+    if spec.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_group(rank: int, hosts: int, device: torch.device, init_method: str | None, timeout_s: float) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU); a no-op for one host."""
+    if hosts <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=hosts, timeout=timedelta(seconds=timeout_s), **kwargs,
+    )
+
+
+def load_host(spec: WorkerSpec, rank: int, hosts: int, device: torch.device) -> Host:
+    """Load this host's model (random weights for a preset) into an engine."""
+    from transformers.utils import logging as hf_logging
+
+    from apb_core import models
+    from apb_core.runtime.engine import HostEngine, register_attention
+
+    t0 = time.perf_counter()
+    hf_logging.disable_progress_bar()  # stderr belongs to apb's own progress display
+    hf_logging.set_verbosity_error()
+    if spec.threads and device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    dtype = models.resolve_dtype(device, spec.dtype)
+    name = register_attention()
+    if spec.preset:
+        model = models.build_random_model(spec.preset, device, dtype, attn_implementation=name, seed=spec.seed)
+        tokenizer = None
+    else:
+        source = models.resolve_model(spec.model, allow_pickle=spec.allow_pickle)
+        model = models.load_model(source, device=device, dtype=dtype, attn_implementation=name)
+        tokenizer = models.load_tokenizer(source)
+    engine = HostEngine(model, rank, hosts, retaining_heads=spec.retaining_heads, decode=spec.decode)
+    return Host(engine, tokenizer, Faults.from_env(spec.env), time.perf_counter() - t0)
+
+
+def worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str, jobs, events) -> None:
+    """Process entry (spawned or forked by the launcher): load, then run jobs until a None arrives."""
+    from apb_core.api import Event
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a setting for the tokenizers library, not one of apb's
+    follow_parent(spec.env.debug)
+    host = job = None
+    try:
+        device = device_for(spec, rank)
+        events.put(("event", Event("phase", rank=rank, phase="load")))
+        init_group(rank, hosts, device, init_method, spec.env.collective_timeout_s)
+        Faults.from_env(spec.env).point("load", rank)
+        host = load_host(spec, rank, hosts, device)
+        events.put(("ready", rank, host.load_s))
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            result = job.run(host, lambda e: events.put(("event", e)))
+            # pickled by value: torch's queue reducer would share tensor memory with a process that may exit
+            events.put(("result", rank, pickle.dumps(result)))
+    except KeyboardInterrupt:
+        return
+    except BaseException as exc:  # report any failure as one line; the parent ends the others
+        engine = host.engine if host is not None else None
+        context = getattr(job, "context_len", None)
+        text = describe_oom(exc, rank, hosts, engine, context) if is_oom(exc) else describe(exc, spec.env)
+        try:
+            events.put(("error", rank, text))
+            events.close()
+            events.join_thread()  # put() only hands the message to a feeder thread: let it reach the pipe
+        finally:
+            os._exit(1)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def follow_parent(debug: bool) -> None:
+    """Make this worker mind its launcher: Ctrl-C in a terminal reaches the whole process group, and only the
+    launcher acts on it (it ends the workers with SIGTERM, whose default action works even inside a blocking
+    collective); a forked worker must also drop the launcher's Python handlers. Its stderr goes to /dev/null
+    unless `debug` (APB_DEBUG=1). A daemon thread ends the worker when the launcher is gone (SIGKILLed
+    launchers cannot stop their workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not debug:
+        # torch's C++ side (NCCL's watchdog and heartbeat monitor, TCPStore, gloo) writes warnings and stack
+        # dumps straight to fd 2 when a peer goes away; the launcher reports a failure as one line instead
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    launcher = parent.pid
+
+    def watch() -> None:
+        while os.getppid() == launcher:  # reparented to init (or a subreaper) once the launcher dies
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="apb-parent-watch", daemon=True).start()

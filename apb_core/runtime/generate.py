@@ -1,0 +1,168 @@
+"""The only prefill → query phase → decode loop. `apb ask` runs it through `AskJob`; `apb bench` drives the same
+`decode` with its own timers; the server will too.
+
+Every host runs the same code. The last host samples each token and broadcasts it; every host decodes the
+text itself (same tokenizer, same ids), so all agree on stop strings without another message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from apb_core.algorithm.layout import HostPlan, plan_hosts
+from apb_core.algorithm.methods import MethodConfig
+from apb_core.api import Event
+from apb_core.dist.faults import NO_FAULTS, Faults
+from apb_core.runtime.engine import HostEngine
+from apb_core.runtime.prompt import Prompt
+from apb_core.runtime.sampling import StopText, sample_next
+from apb_core.runtime.timing import barrier, sync
+
+
+@dataclass
+class Decoded:
+    """What one decode produced. token_s[i]: seconds from token i's decision to token i+1's (one forward on every
+    host, the last host's sampling and the broadcast); first_logits: after the query phase [V] (on CPU)."""
+
+    tokens: list[int]
+    first_logits: torch.Tensor
+    query_s: float
+    token_s: list[float]
+    finish_reason: str  # "stop" (an end-of-sequence token), "stop_string", "length"
+
+
+def decode(engine: HostEngine, query_ids: list[int], start_pos: int, max_new_tokens: int,
+           choose: Callable[[torch.Tensor], int], on_token: Callable[[list[int]], bool] | None = None,
+           eos_ids: tuple[int, ...] | list[int] = (), faults: Faults = NO_FAULTS) -> Decoded:
+    """Run the query part at `start_pos`, then generate up to `max_new_tokens` tokens over the distributed cache.
+
+    choose(logits [V]) -> token runs on the last host only. on_token(tokens so far) -> False stops (stop strings).
+    """
+    sync(engine.device)
+    t0 = time.perf_counter()
+    logits = engine.step(query_ids, start_pos)
+    first_logits = logits.detach().float().cpu()  # .cpu() waits for the device
+    query_s = time.perf_counter() - t0
+    pos = start_pos + len(query_ids)
+    tokens: list[int] = []
+    token_s: list[float] = []
+    finish, last = "length", None
+    while len(tokens) < max_new_tokens:
+        token = engine.broadcast_token(choose(logits) if engine.is_last else 0)  # .item() inside: the one host sync
+        now = time.perf_counter()
+        if last is not None:
+            token_s.append(now - last)
+        last = now
+        if not tokens:
+            faults.point("decode", engine.rank)  # after the first generated token
+        if token in eos_ids:
+            finish = "stop"
+            break
+        tokens.append(token)
+        if on_token is not None and not on_token(tokens):
+            finish = "stop_string"
+            break
+        if len(tokens) >= max_new_tokens:
+            break
+        logits = engine.step_token(token, pos)
+        pos += 1
+    return Decoded(tokens, first_logits, query_s, token_s, finish)
+
+
+def host_plan(engine: HostEngine, method: MethodConfig, prompt: Prompt) -> HostPlan:
+    """This host's share of `prompt` under `method`'s layout."""
+    ctx = prompt.context_ids
+    plans = plan_hosts(ctx, engine.hosts, method.anchor_len, prompt.question_ids, prompt.insert_at,
+                       method.question_in_anchor, prompt.probe_ids if method.probe else [], len(ctx),
+                       method.block_lens or None)
+    return plans[engine.rank]
+
+
+@dataclass
+class AskJob:
+    """One question about one document, as every host runs it (`run` is the worker's entry for it)."""
+
+    prompt: Prompt
+    method: MethodConfig
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    eos_ids: list[int] = field(default_factory=list)
+    index: int = 0
+    stream: bool = True
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt.context_len
+
+    def run(self, host, emit: Callable[[Event], None]) -> JobResult:
+        return run_job(host.engine, self, host.tokenizer, emit, host.faults)
+
+
+@dataclass
+class JobResult:
+    answer: str
+    token_ids: list[int]
+    prefill_s: float  # from the common start to the last host's end of prefill
+    decode_s: float  # query phase + generation
+    host_prefill_s: float  # this host's own prefill time
+    block_tokens: int
+    anchor_tokens: int
+    passing_tokens: int  # tokens this host received per layer (per KV head)
+    finish_reason: str = "length"
+    first_logits: torch.Tensor | None = None  # logits after the query phase (tests compare them)
+
+
+def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
+            faults: Faults = NO_FAULTS) -> JobResult:
+    """Answer one prompt on this host. `emit` receives progress and (on rank 0) streamed token events."""
+    emit = emit or (lambda event: None)
+    prompt, method, rank = job.prompt, job.method, engine.rank
+    ctx = prompt.context_ids
+    plan = host_plan(engine, method, prompt)
+
+    def on_layer(layer: int) -> None:
+        emit(Event("progress", rank=rank, phase="prefill", done=layer + 1, total=engine.layers, question=job.index))
+
+    barrier(engine.device, engine.hosts, engine.group)
+    faults.point("prefill", rank)
+    t0 = time.perf_counter()
+    call = engine.prefill(plan, ctx, passing=method.passing, block_lens=list(method.block_lens),
+                          reserve=len(prompt.query_ids) + job.max_new_tokens + 1, on_layer=on_layer)
+    sync(engine.device)
+    host_prefill = time.perf_counter() - t0
+    barrier(engine.device, engine.hosts, engine.group)
+    t1 = time.perf_counter()
+
+    generator = torch.Generator().manual_seed(job.seed)
+    stop = StopText(job.stop)
+
+    def on_token(tokens: list[int]) -> bool:
+        delta = stop.update(tokenizer.decode(tokens, skip_special_tokens=True)) if tokenizer is not None else ""
+        if rank == 0 and job.stream and delta:
+            emit(Event("token", rank=0, text=delta, question=job.index))
+        if rank == 0:
+            emit(Event("progress", rank=0, phase="decode", done=len(tokens), total=job.max_new_tokens,
+                       question=job.index))
+        return not stop.stopped
+
+    decoded = decode(engine, prompt.query_ids, len(ctx), job.max_new_tokens,
+                     lambda logits: sample_next(logits, job.temperature, job.top_p, generator),
+                     on_token, job.eos_ids, faults)
+    sync(engine.device)
+    decode_s = time.perf_counter() - t1
+    tail = stop.flush()
+    if rank == 0 and job.stream and tail:
+        emit(Event("token", rank=0, text=tail, question=job.index))
+    return JobResult(
+        answer=stop.text, token_ids=decoded.tokens, prefill_s=t1 - t0, decode_s=decode_s,
+        host_prefill_s=host_prefill, block_tokens=plan.block_len, anchor_tokens=plan.anchor_len,
+        passing_tokens=call.passing_received, finish_reason=decoded.finish_reason,
+        first_logits=decoded.first_logits,
+    )
