@@ -127,6 +127,8 @@ def run_ask_command(opts: AskOptions) -> int:
     except BaseException:
         close_quietly(renderer)
         raise
+    for note in opts.notes:  # after the answer: a failed run's error line stays the only line
+        renderer.notice(note)
     for index, result in enumerate(results):
         if result.finish_reason == "length":
             which = f"answer {index + 1}" if len(results) > 1 else "the answer"
@@ -153,8 +155,6 @@ def build_request(opts: AskOptions, renderer: Renderer) -> AskRequest:
     models.resolve_model(opts.model, allow_pickle=opts.allow_pickle)
     for warning in (*document.warnings, *opts.warnings):
         renderer.warn(warning)
-    for note in opts.notes:
-        renderer.notice(note)
     return AskRequest(
         document=document.text, questions=list(opts.questions), model=opts.model, method=opts.method,
         hosts=opts.hosts, device=opts.device, anchor_len=opts.anchor_len, passing_len=opts.passing_len,

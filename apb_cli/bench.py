@@ -67,6 +67,10 @@ def bench(
     layout: Annotated[
         str, typer.Option("--layout", help="balanced|equal blocks for full, star and apb (ring/Ulysses: their own).")
     ] = "balanced",
+    auto_exact: Annotated[
+        bool, typer.Option("--auto-exact/--no-auto-exact",
+                           help="apb as `apb ask` runs it: exact where that costs about as much (default: always APB).")
+    ] = False,
 ) -> None:
     """Time prefill (and decode) of single-GPU, ring, Ulysses, Star and APB on one random prompt."""
 
@@ -76,6 +80,7 @@ def bench(
             model=model, repeat=repeat, device=device, json_output=json_output, plot=plot,
             decode_tokens=decode_tokens, breakdown=parse_breakdown(breakdown), seed=seed, threads=threads,
             dtype=dtype.strip().lower(), quiet=quiet, decode=decode.strip().lower(), layout=layout.strip().lower(),
+            auto_exact=auto_exact,
         ))
 
     code = options.run_command(body)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from apb_cli.ask import ask
 from apb_cli.bench import bench
@@ -31,11 +31,32 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
 
 
+def _without_flag_types(params: list[Any]) -> list[Any]:
+    """Help shows a type only for options that take a value: flags take none (typer would print `--json
+    <bool>`) and an argument's help says what it is."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose help lists flags without a type column entry."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_types(super().get_params(ctx))
+
+
 class _OneLineErrors(TyperGroup):
     """Makes click's own usage errors (bad option type, unknown option) one line too, like ours.
 
     Both `app()` (the console script) and typer's CliRunner go through `main`, so this is the one place.
     """
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_types(super().get_params(ctx))
 
     def main(
         self,
@@ -71,14 +92,48 @@ class _OneLineErrors(TyperGroup):
         return code
 
 
+EXAMPLES = """\
+[bold]Examples[/]
+
+  apb ask examples/sample.md "What is the secret passcode for the north archive?"
+
+  apb ask report.pdf "Which supplier was late?" --json | jq -r .answer
+
+  apb ask doc.md -q "Who wrote it?" -q "When?" --hosts 2 --max-new-tokens 200
+
+  apb bench --len 2k,8k --methods single,apb
+
+  apb eval --tasks niah_single_1 --len 4k --samples 2
+
+  apb info
+
+The first run converts the embedded model once (about 20 s; `apb info` shows the cache)."""
+
 app = typer.Typer(
     cls=_OneLineErrors,
     name="apb",
     help="Answer questions about long documents with APB distributed prefill.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"apb {_version('apb_core')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print apb's version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    pass
 
 
 def info(
@@ -108,10 +163,20 @@ def info(
         source = models.resolve_model(None)
         facts["default_model"] = getattr(source, "name", str(source))
         facts["default_model_found"] = True
+        facts["default_model_window"] = _window(models, source)
     except Exception as exc:  # ApbError when it is not installed; ImportError on a broken install
         facts["default_model"] = None
         facts["default_model_found"] = False
         facts["default_model_error"] = " ".join(str(exc).split()) or type(exc).__name__
+    from apb_cli.options import default_cpu_hosts
+    from apb_core import models
+
+    cache = models.cache_dir()
+    facts["cache_dir"] = str(cache)
+    facts["cache_bytes"] = models.cache_size(cache)
+    gpus = facts["cuda_gpus"]
+    facts["default_device"] = "cuda" if gpus else "cpu"
+    facts["default_hosts"] = gpus or default_cpu_hosts(facts["cpu_cores"])
     if json_output:
         print(json.dumps(facts, ensure_ascii=False))
         return
@@ -128,10 +193,25 @@ def info(
         f"cpu cores     {facts['cpu_cores']}",
         f"cuda gpus     {facts['cuda_gpus']} ({gpus})",
         f"default model {model_line}",
+        f"model window  {facts.get('default_model_window') or '-'} tokens",
+        f"default run   {facts['default_hosts']} host(s) on {facts['default_device']} (--hosts, --device)",
+        f"cache         {cache} ({facts['cache_bytes'] / 1e6:,.0f} MB; APB_CACHE_DIR or XDG_CACHE_HOME move it, "
+        "see the README's Environment table)",
     ]
     if "cuda_error" in facts:
         lines.append(f"cuda error    {facts['cuda_error']}")
     print("\n".join(lines))
+
+
+def _window(models: Any, source: Any) -> int | None:
+    """The model's context window, from its converted folder when there is one, else from the GGUF header (so
+    `info` never starts the ~20 s conversion)."""
+    try:
+        if models.conversion_target(source) is None:
+            return int(models.model_window(models.load_config(source)))
+        return models.gguf_context_length(source.path)
+    except Exception:
+        return None
 
 
 def _version(module_name: str) -> str:
@@ -142,11 +222,38 @@ def _version(module_name: str) -> str:
     return str(getattr(module, "__version__", "unknown"))
 
 
+ASK_EXAMPLES = """\
+[bold]Examples[/]
+
+  apb ask examples/sample.md "What is the secret passcode for the north archive?"
+
+  cat notes.txt | apb ask - "Summarise the decisions" --max-new-tokens 200
+
+  apb ask doc.md "..." --json | jq -r .answer
+
+  apb ask doc.md "..." -m ./qwen2.5-0.5b-instruct-q4_k_m.gguf -s "Answer in one sentence."
+
+  apb ask long.pdf "..." --truncate middle"""
+
+BENCH_EXAMPLES = """\
+[bold]Examples[/]
+
+  apb bench --len 2k --methods single,apb          # CPU: the SmolLM2-135M shape
+
+  apb bench --len 32k,128k --preset llama-3.1-8b   # GPUs: one worker per GPU"""
+
+EVAL_EXAMPLES = """\
+[bold]Examples[/]
+
+  apb eval --tasks niah_single_1,passkey --len 4k --samples 2
+
+  apb eval --tasks ruler --len 8k --methods full,apb --hosts 2 --out ruler.jsonl"""
+
 # Registered in the order `apb --help` lists them.
-app.command()(ask)
-app.command()(info)
-app.command()(bench)
-app.command("eval")(eval_command)
+app.command(cls=_Command, epilog=ASK_EXAMPLES)(ask)
+app.command(cls=_Command)(info)
+app.command(cls=_Command, epilog=BENCH_EXAMPLES)(bench)
+app.command("eval", cls=_Command, epilog=EVAL_EXAMPLES)(eval_command)
 
 if __name__ == "__main__":  # `python -m apb_cli.main` (torchrun launches it this way)
     app()

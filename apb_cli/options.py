@@ -273,6 +273,7 @@ class BenchOptions:
     quiet: bool
     decode: str = "auto"
     layout: str = "balanced"
+    auto_exact: bool = False
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -312,7 +313,7 @@ class BenchOptions:
                            preset=self.preset, model=self.model, device=self.device, repeat=self.repeat,
                            decode_tokens=self.decode_tokens, breakdown=list(self.breakdown), seed=self.seed,
                            threads=self.threads, dtype=None if self.dtype == "auto" else self.dtype,
-                           decode=self.decode, layout=self.layout)
+                           decode=self.decode, layout=self.layout, auto_exact=self.auto_exact)
 
 
 def parse_breakdown(text: str) -> tuple[str, ...]:

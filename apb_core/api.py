@@ -40,6 +40,10 @@ class AskRequest:
     system: str | None = None  # a system prompt (the chat template's system turn); None: the template's default
     auto_exact: bool = True  # apb runs exact where that costs about as much (apb_core.algorithm.methods)
     layout: str = "balanced"  # balanced | equal: how the context is cut into blocks (apb_core.algorithm.methods)
+    # several questions: one prefill for all of them (True), one each (False), or None: one prefill wherever the
+    # prefill does not read the question (exact layouts, star: the answers are the same), and for APB's
+    # query-aware prefill apb_core.ask.APB_SHARED_DEFAULT
+    shared_prefill: bool | None = None
 
 
 @dataclass
@@ -83,7 +87,10 @@ class AskResult:
     generated_tokens: int
     anchor_len: int
     passing_len: int | str
-    timings: dict[str, float]  # load_s, tokenize_s, prefill_s, decode_s, total_s
+    # convert_s, load_s, tokenize_s (the run's set-up: the first answer only), prefill_s (the prefill that served
+    # it, shared or not), query_s and decode_s (its own; decode_s includes query_s), total_s (its own wall time:
+    # set-up, prefill and decode for the first answer of a prefill, decode alone for the next ones)
+    timings: dict[str, float]
     prefill_tokens_per_s: float
     host_stats: list[HostStats] = field(default_factory=list)
     truncated: bool = False
@@ -92,3 +99,5 @@ class AskResult:
     finish_reason: str = "stop"  # "stop" (end of sequence), "stop_string" (--stop), "length" (--max-new-tokens)
     dropped_tokens: int = 0  # document tokens cut by --truncate to fit the window
     layout: str = "equal"  # what cut the blocks: balanced (equal FLOPs per host) or equal (equal token counts)
+    prefill: int = 0  # which prefill of the run served this answer (0, 1, ...: several answers may share one)
+    shared_prefill: bool = False  # that prefill served several questions

@@ -1,5 +1,6 @@
 """`apb ask` as a library: a Session keeps the tokenizer and the hosts (with their models) alive across
-questions and documents; `run_ask` answers one request's questions with one model load per worker."""
+questions and documents; `run_ask` answers one request's questions with one model load per worker, and where
+the layout allows (AskRequest.shared_prefill) with one prefill for all of them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import time
 from collections.abc import Callable
 
 from apb_core.algorithm.flops import ModelDims
-from apb_core.algorithm.methods import resolve_method
+from apb_core.algorithm.methods import MethodConfig, resolve_method
 from apb_core.api import AskRequest, AskResult, Event, HostStats
 from apb_core.dist.env import read_env
 from apb_core.dist.launcher import start_hosts
 from apb_core.dist.worker import WorkerSpec
 from apb_core.errors import InputError
 from apb_core.runtime.generate import AskJob
-from apb_core.runtime.prompt import build_prompt
+from apb_core.runtime.prompt import build_prompts, shared_prompt
+
+# Several questions with APB's query-aware prefill (anchor and probe hold the question): one prefill for all of
+# them (every question in the anchor and the probe) or one each. See docs/quality.md, "Shared prefill".
+APB_SHARED_DEFAULT = True
 
 
 def default_threads(hosts: int) -> int:
@@ -55,6 +60,7 @@ class Session:
         )
         self.runner = start_hosts(spec, self.hosts, self.emit)
         self.load_s = 0.0
+        self.prefills = 0  # prefills run so far (AskResult.prefill numbers them)
 
     def __enter__(self) -> Session:
         self.emit(Event("phase", phase="load"))
@@ -70,32 +76,68 @@ class Session:
                t_start: float | None = None, settings: AskRequest | None = None) -> AskResult:
         """Answer one question; `settings` (default: the session's request) gives the method, lengths, sampling
         and truncation (its document, questions, model, hosts and device are not read here)."""
+        return self.answer_all(document, [question], index, [answer_prefix], t_start, settings)[0]
+
+    def shares_prefill(self, method: MethodConfig, settings: AskRequest | None = None) -> bool:
+        """Whether several questions go through one prefill under `method` (AskRequest.shared_prefill)."""
         req = settings or self.request
-        if not question.strip():
+        if req.shared_prefill is not None:
+            return req.shared_prefill
+        return not method.reads_question or APB_SHARED_DEFAULT
+
+    def answer_all(self, document: str, questions: list[str], index: int = 0,
+                   answer_prefixes: list[str] | None = None, t_start: float | None = None,
+                   settings: AskRequest | None = None) -> list[AskResult]:
+        """Answer `questions` about `document` in order, over one prefill where `shares_prefill` says so (else
+        one prefill each); questions are numbered index, index + 1, ... in events. `settings` as in `answer`."""
+        req = settings or self.request
+        if not questions or any(not q.strip() for q in questions):
             raise InputError("the question is empty")
         t0 = time.perf_counter()
-        prompt = build_prompt(self.tokenizer, document, question, self.window, req.max_new_tokens,
-                              req.truncate, answer_prefix, req.system)
-        method = resolve_method(req.method, prompt.context_len, self.hosts, req.anchor_len, req.passing_len,
+        prompts = build_prompts(self.tokenizer, document, questions, self.window, req.max_new_tokens, req.truncate,
+                                answer_prefixes, req.system)
+        method = resolve_method(req.method, prompts[0].context_len, self.hosts, req.anchor_len, req.passing_len,
                                 req.compressor, req.question_in_anchor, req.seed, self.dims, req.auto_exact,
                                 req.layout)
         tokenize_s = time.perf_counter() - t0 + (self.setup_s if index == 0 else 0.0)
-        self.emit(Event("phase", phase="prefill", question=index))
-        job = AskJob(prompt, method, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop),
-                     self.eos, index=index)
-        per_host = self.runner.run(job)
-        lead = per_host[0]
         start = t_start if t_start is not None else t0
+        if len(questions) > 1 and self.shares_prefill(method, req):
+            groups = [list(range(len(questions)))]
+        else:
+            groups = [[i] for i in range(len(questions))]
+        results = []
+        for group in groups:
+            t_group = time.perf_counter()
+            self.emit(Event("phase", phase="prefill", question=index + group[0]))
+            job = AskJob(shared_prompt([prompts[i] for i in group]), method, req.max_new_tokens, req.temperature,
+                         req.top_p, req.seed, list(req.stop), self.eos, index=index + group[0],
+                         query_parts=[prompts[i].query_ids for i in group] if len(group) > 1 else [])
+            per_host = self.runner.run(job)  # [host][question]
+            for j, i in enumerate(group):
+                lead = per_host[0][j]
+                first = index + i == 0  # the run's first answer: its total counts from the start (load included)
+                if first:
+                    total = t_group - start + lead.prefill_s + lead.decode_s
+                else:
+                    total = (lead.prefill_s if j == 0 else 0.0) + lead.decode_s
+                timings = {
+                    "convert_s": self.convert_s if first else 0.0, "load_s": self.load_s if first else 0.0,
+                    "tokenize_s": tokenize_s if i == 0 else 0.0, "prefill_s": lead.prefill_s,
+                    "query_s": lead.query_s, "decode_s": lead.decode_s, "total_s": total,
+                }
+                results.append(self._result(req, questions[i], prompts[i], method, timings,
+                                            [h[j] for h in per_host], len(group) > 1))
+            self.prefills += 1
+        return results
+
+    def _result(self, req: AskRequest, question: str, prompt, method: MethodConfig, timings: dict[str, float],
+                per_host: list, shared: bool) -> AskResult:
+        lead = per_host[0]
         return AskResult(
             question=question, answer=lead.answer.strip(), model=self.source.name, method=method.name,
             hosts=self.hosts, device=self.request.device, prompt_tokens=prompt.total_len,
             context_tokens=prompt.context_len, generated_tokens=len(lead.token_ids),
-            anchor_len=method.anchor_len, passing_len=method.passing_len,
-            timings={
-                "convert_s": self.convert_s if index == 0 else 0.0,
-                "load_s": self.load_s, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
-                "decode_s": lead.decode_s, "total_s": time.perf_counter() - start,
-            },
+            anchor_len=method.anchor_len, passing_len=method.passing_len, timings=timings,
             prefill_tokens_per_s=prompt.context_len / max(lead.prefill_s, 1e-9),
             host_stats=[
                 HostStats(r, h.block_tokens, h.anchor_tokens, h.passing_tokens, h.host_prefill_s)
@@ -105,6 +147,7 @@ class Session:
             auto_exact=method.auto_exact,
             layout=method.layout,
             method_requested=req.method, finish_reason=lead.finish_reason, dropped_tokens=prompt.dropped_tokens,
+            prefill=self.prefills, shared_prefill=shared,
         )
 
 
@@ -116,13 +159,12 @@ def run_ask(request: AskRequest, on_event: Callable[[Event], None] | None = None
     session = Session(request, on_event)
     # tokenize every question first: a prompt that does not fit (or has fewer tokens than hosts) fails before
     # any worker starts
-    for q in request.questions:
-        prompt = build_prompt(session.tokenizer, request.document, q, session.window, request.max_new_tokens,
-                              request.truncate, system=request.system)
-        resolve_method(request.method, prompt.context_len, session.hosts, request.anchor_len, request.passing_len,
-                       request.compressor, request.question_in_anchor, request.seed)
+    prompts = build_prompts(session.tokenizer, request.document, request.questions, session.window,
+                            request.max_new_tokens, request.truncate, system=request.system)
+    resolve_method(request.method, prompts[0].context_len, session.hosts, request.anchor_len, request.passing_len,
+                   request.compressor, request.question_in_anchor, request.seed)
     with session:
-        return [session.answer(request.document, q, i, t_start=t_start) for i, q in enumerate(request.questions)]
+        return session.answer_all(request.document, request.questions, t_start=t_start)
 
 
 def _eos_ids(tokenizer) -> list[int]:

@@ -7,7 +7,14 @@ import math
 import pytest
 
 from apb_core.algorithm.attention import apb_mask
-from apb_core.algorithm.flops import ModelDims, balanced_lengths, last_host_flops, layout_flops
+from apb_core.algorithm.flops import (
+    FLOPS_PER_BYTE,
+    ModelDims,
+    balanced_lengths,
+    last_host_flops,
+    layout_flops,
+    passing_bytes,
+)
 from apb_core.algorithm.layout import default_lengths
 from apb_core.algorithm.methods import EXACT_SLACK, resolve_method
 
@@ -37,8 +44,10 @@ def test_auto_exact_follows_the_cost_ratio():
     for layout in ("equal", "balanced"):
         for n in (1000, 4000, 16000, 64000):
             a, p = default_lengths(n, 2)
-            exact = max(layout_flops(LLAMA_8B, _lens(layout, n, 2, 0, "all"), 0, "all"))
-            apb = max(layout_flops(LLAMA_8B, _lens(layout, n, 2, a, p), a, p))
+            exact_lens, apb_lens = _lens(layout, n, 2, 0, "all"), _lens(layout, n, 2, a, p)
+            price = FLOPS_PER_BYTE["cpu"]  # resolve_method's default device
+            exact = max(layout_flops(LLAMA_8B, exact_lens, 0, "all")) + price * passing_bytes(LLAMA_8B, exact_lens, "all")
+            apb = max(layout_flops(LLAMA_8B, apb_lens, a, p)) + price * passing_bytes(LLAMA_8B, apb_lens, p)
             chosen = resolve_method("apb", n, 2, dims=LLAMA_8B, layout=layout)
             assert chosen.auto_exact == (exact / apb <= EXACT_SLACK) and chosen.layout == layout
 
@@ -79,3 +88,20 @@ def test_explicit_lengths_or_opt_out_force_the_approximation():
     forced = resolve_method("apb", 4000, 2, dims=SMOLLM2, auto_exact=False)
     assert not forced.auto_exact and (forced.anchor_len, forced.passing_len) == default_lengths(4000, 2)
     assert not resolve_method("apb", 4000, 2).auto_exact  # no model shape: the table
+
+
+def test_passing_bytes_count_every_slot_of_every_layer():
+    # 3 hosts, blocks 10/7/5, l_p 6 -> slots of 6 tokens; K and V of 3 KV heads x 64 dims in bf16, 30 layers
+    assert passing_bytes(SMOLLM2, [10, 7, 5], 6) == 3 * 6 * (2 * 3 * 64 * 2 * 30)
+    assert passing_bytes(SMOLLM2, [10, 7, 5], "all") == 3 * 10 * (2 * 3 * 64 * 2 * 30)
+    assert passing_bytes(SMOLLM2, [10, 7, 5], 0) == 0
+
+
+def test_auto_exact_prices_the_all_gathers_on_the_device():
+    """A small model at 4K: its prefill is so cheap that, on a GPU, gathering every earlier block's K/V costs
+    more than APB's anchor; on the CPU machine's gloo the FLOPs decide (the prices are FLOPS_PER_BYTE)."""
+    assert FLOPS_PER_BYTE["cuda"] > FLOPS_PER_BYTE["cpu"]
+    assert resolve_method("apb", 4000, 2, dims=SMOLLM2, device="cpu").auto_exact
+    assert not resolve_method("apb", 4000, 2, dims=SMOLLM2, device="cuda").auto_exact
+    assert resolve_method("apb", 32 * 1024, 2, dims=LLAMA_8B, device="cuda").auto_exact  # 8B: exact up to ~32K
+    assert not resolve_method("apb", 128 * 1024, 2, dims=LLAMA_8B, device="cuda").auto_exact

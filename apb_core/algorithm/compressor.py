@@ -6,6 +6,10 @@ stable order makes runs reproducible). Scorers (pluggable):
 - `query_aware` (default, training-free): the question's query vectors (the probe rows, at their query-phase
   positions) attend to the block's keys; score = attention probability summed over the question tokens and the
   GQA group of each KV head, in fp32 (SnapKV/Spava-style). Every host, host 0 included, has the probe.
+  Several questions over one prefill: each question scores the block on its own (mean over its tokens, so a
+  long question does not outweigh a short one), and a token keeps the max over questions. Max, not sum or
+  mean: a token one question needs is kept even when every other question ignores it, whereas averaging
+  would dilute a needle that only one of four questions asks for below the tokens all of them glance at.
 - `retaining_heads`: Locret-style MLP heads `fc2(act(fc1([q|k|v])))` on the pre-RoPE projections, loaded from a
   safetensors file (keys `layers.{i}.fc1.weight`, `layers.{i}.fc2.weight`, optionally prefixed).
 - `random`: uniform scores from a seeded generator (ablations).
@@ -38,13 +42,22 @@ def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
-def query_aware_scores(q_probe: torch.Tensor, k_block: torch.Tensor, scale: float) -> torch.Tensor:
-    """q_probe [B, Hq, p, D] (post-RoPE, query-phase positions), k_block [B, Hkv, n, D] -> scores [Hkv, n]."""
+def query_aware_scores(q_probe: torch.Tensor, k_block: torch.Tensor, scale: float,
+                       segments: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+    """q_probe [B, Hq, p, D] (post-RoPE, query-phase positions), k_block [B, Hkv, n, D] -> scores [Hkv, n].
+
+    segments: the probe's questions (lengths summing to p); given more than one, each question's score is the
+    mean over its tokens and the result the max over questions (see top). One question: the plain sum.
+    """
     hkv = k_block.shape[1]
     b, hq, p, d = q_probe.shape
     qg = q_probe[0].float().view(hkv, hq // hkv, p, d)  # [Hkv, g, p, D]
     logits = torch.einsum("hgpd,hnd->hgpn", qg, k_block[0].float()) * scale
-    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))  # [Hkv, n]
+    probs = torch.softmax(logits, dim=-1).sum(dim=1)  # [Hkv, p, n]
+    if len(segments) <= 1:
+        return probs.sum(dim=1)  # [Hkv, n]
+    per_question = [part.mean(dim=1) for part in probs.split(list(segments), dim=1)]  # each [Hkv, n]
+    return torch.stack(per_question).amax(dim=0)
 
 
 def random_scores(n: int, hkv: int, seed: int, device) -> torch.Tensor:
@@ -143,4 +156,4 @@ class Compressor:
             return self.heads.scores(layer, q_raw.to(k_blk.dtype), k_raw.to(k_blk.dtype), v_blk)
         if plan.probe_len == 0:
             raise RuntimeError("the query-aware scorer needs the question probe in the layout")
-        return query_aware_scores(q[:, :, a + n :], k_blk, scale)
+        return query_aware_scores(q[:, :, a + n :], k_blk, scale, plan.probe_segments)

@@ -75,6 +75,23 @@ def layout_flops(dims: ModelDims, block_lens: list[int], anchor_len: int, passin
     return out
 
 
+# Seconds of all-gather, priced in FLOPs of attention on the same device: measured rates over each other.
+# H200 (2026-11-22): cuDNN attention ~600 TFLOP/s, NCCL all-gather ~238 GiB/s -> ~2350 FLOP per byte.
+# CPU, the 2-core test machine (2026-11-30, another job running): causal attention 51 GFLOP/s on 2 threads, gloo
+# all-gather over loopback 0.32 GB/s gathered per rank (2 ranks, 16 MiB each) -> ~160 FLOP per byte.
+FLOPS_PER_BYTE = {"cuda": 2350.0, "cpu": 160.0}
+
+
+def passing_bytes(dims: ModelDims, block_lens: list[int], passing_len: int | str, dtype_bytes: int = 2) -> float:
+    """Bytes one prefill's all-gathers move into each host, every layer together: each layer gathers every host's
+    kept K|V in a slot as long as the largest host's count (apb_core.algorithm.passing)."""
+    counts = [n if passing_len == ALL else min(int(passing_len), n) for n in block_lens]
+    if not any(counts):
+        return 0.0
+    per_token = 2 * dims.kv_heads * dims.head_dim * dtype_bytes * dims.layers  # K and V, every layer
+    return len(block_lens) * max(counts) * per_token
+
+
 def last_host_flops(dims: ModelDims, context_len: int, hosts: int, anchor_len: int, passing_len: int | str) -> float:
     """Prefill FLOPs of the last host of an equal layout (the busiest: it receives every earlier passing block)."""
     block = math.ceil(context_len / hosts)

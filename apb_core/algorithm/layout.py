@@ -12,6 +12,9 @@ no pad token can reach the output). Host h prefills
   positions it will have in the query phase. Causal attention means it changes nothing of the block's KV; its
   query vectors score the block's keys. This gives host 0, which has no anchor, a query-aware score too.
 Anchor and probe KV are dropped after prefill: every host keeps exactly the KV of its block.
+Several questions over one prefill (APB's shared prefill): the anchor holds all of them, one after the other,
+and the probe is each question's probe in turn, every one at its own query-phase positions (they all start
+right after the context); the compressor scores the block with each question and keeps the max.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class HostPlan:
     anchor_ids: list[int] = field(default_factory=list)
     probe_ids: list[int] = field(default_factory=list)
     probe_start: int = 0  # global position of the first probe token
+    # several questions over one prefill: the probe is their probes in turn, each at the query-phase positions
+    # probe_start.. it will have when that question is asked (empty: one question)
+    probe_lens: tuple[int, ...] = ()
 
     @property
     def anchor_len(self) -> int:
@@ -105,16 +111,21 @@ class HostPlan:
         ids = self.anchor_ids + context_ids[self.block_start : self.block_end] + self.probe_ids
         return torch.tensor([ids], dtype=torch.long)
 
+    @property
+    def probe_segments(self) -> tuple[int, ...]:
+        """Lengths of the probe's questions, in order (one segment for one question, none without a probe)."""
+        if not self.probe_len:
+            return ()
+        return self.probe_lens or (self.probe_len,)
+
     def position_ids(self) -> torch.Tensor:
-        """[1, S]: anchor 0..l_a-1, block at its global positions, probe at its query-phase positions."""
+        """[1, S]: anchor 0..l_a-1, block at its global positions, each question's probe at its query-phase
+        positions."""
         import torch
 
+        probes = [torch.arange(self.probe_start, self.probe_start + n) for n in self.probe_segments]
         return torch.cat(
-            [
-                torch.arange(self.anchor_len),
-                torch.arange(self.block_start, self.block_end),
-                torch.arange(self.probe_start, self.probe_start + self.probe_len),
-            ]
+            [torch.arange(self.anchor_len), torch.arange(self.block_start, self.block_end), *probes]
         ).unsqueeze(0)
 
 
@@ -146,10 +157,13 @@ def plan_hosts(
     probe_ids: list[int],
     probe_start: int,
     block_lens: list[int] | tuple[int, ...] | None = None,
+    probe_lens: list[int] | tuple[int, ...] = (),
 ) -> list[HostPlan]:
     """One HostPlan per host. `probe_ids` (may be empty) follow each block for the query-aware compressor
     (not on the last host, whose passing block nobody receives). `block_lens`: the layout's block lengths
-    (default: equal blocks)."""
+    (default: equal blocks). `probe_lens`: with several questions, each one's share of `probe_ids`."""
+    if probe_lens and sum(probe_lens) != len(probe_ids):
+        raise ValueError(f"probe lengths {list(probe_lens)} do not add up to the probe's {len(probe_ids)} tokens")
     anchor = build_anchor(context_ids, anchor_len, question_ids if question_in_anchor else [], insert_at)
     bounds = bounds_of(block_lens) if block_lens is not None else split_blocks(len(context_ids), hosts)
     if len(bounds) != hosts or bounds[-1][1] != len(context_ids):
@@ -166,6 +180,7 @@ def plan_hosts(
                 anchor_ids=anchor if rank > 0 else [],
                 probe_ids=list(probe_ids) if with_probe else [],
                 probe_start=probe_start,
+                probe_lens=tuple(probe_lens) if with_probe else (),
             )
         )
     return plans

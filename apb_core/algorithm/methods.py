@@ -9,8 +9,10 @@ Exact mode of apb (anchor 0, passing "all") equals full.
 Auto-exact (apb's default when neither length is given and the model's shape is known): APB saves attention
 work but pays for the anchor, which every host h > 0 runs through QKV and the MLP again. At short contexts
 (relative to the model's width) the exact layout, anchor 0 and every earlier token passed uncompressed, costs
-the busiest host about as much or less (flops.layout_flops). When exact costs at most EXACT_SLACK times APB's
-default layout, apb runs exact: the same answer as full attention for about the same time. Pass --anchor-len or
+the busiest host about as much or less (flops.layout_flops). Exact also all-gathers every earlier block's K/V
+each layer: the cost counts those bytes too, priced in FLOPs of the device (flops.FLOPS_PER_BYTE: cheap over
+NVLink, dear over gloo on a CPU). When exact costs at most EXACT_SLACK times APB's default layout, apb runs exact:
+the same answer as full attention for about the same time. Pass --anchor-len or
 --passing-len (or auto_exact=False) to force the approximation.
 
 Layouts: "balanced" (the default when the model's shape is known) sizes the blocks so that every host's prefill
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apb_core.algorithm.flops import ModelDims, balanced_lengths, layout_flops
+from apb_core.algorithm.flops import FLOPS_PER_BYTE, ModelDims, balanced_lengths, layout_flops, passing_bytes
 from apb_core.algorithm.layout import ALL, default_lengths, split_blocks
 from apb_core.errors import InputError
 
@@ -76,6 +78,12 @@ class MethodConfig:
     def passing_len(self) -> int | str:
         return self.passing.keep
 
+    @property
+    def reads_question(self) -> bool:
+        """Whether the prefill depends on the question (anchor or probe): if not (full, star, auto-exact, apb
+        with a question-free scorer and anchor), one prefill serves any number of questions exactly."""
+        return self.question_in_anchor or self.probe
+
 
 def resolve_method(
     method: str,
@@ -89,6 +97,7 @@ def resolve_method(
     dims: ModelDims | None = None,
     auto_exact: bool = True,
     layout: str = "balanced",
+    device: str = "cpu",
 ) -> MethodConfig:
     """Turn user options into a MethodConfig, filling defaults from the layout table (and, given the model's
     `dims`, balancing the blocks and choosing the exact layout where it costs about as much as APB's: see top).
@@ -110,7 +119,9 @@ def resolve_method(
         return tuple(balanced_lengths(dims, context_len, hosts, anchor, passing))
 
     def cost(lens: tuple[int, ...], anchor: int, passing: int | str) -> float:
-        return max(layout_flops(dims, list(lens), anchor, passing))
+        """The busiest host's FLOPs plus the all-gathers, priced in FLOPs of this device (FLOPS_PER_BYTE)."""
+        comm = passing_bytes(dims, list(lens), passing) * FLOPS_PER_BYTE.get(device, FLOPS_PER_BYTE["cuda"])
+        return max(layout_flops(dims, list(lens), anchor, passing)) + comm
 
     if method == "full" or hosts == 1 and method != "star":
         passing = ALL if hosts > 1 else 0

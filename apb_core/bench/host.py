@@ -46,6 +46,7 @@ class BenchJob:
     breakdown: list[str]
     dims: ModelDims
     layout: str = "balanced"
+    auto_exact: bool = False  # apb as `apb ask` runs it: exact where that costs about as much (methods.py)
 
     @property
     def context_len(self) -> int:
@@ -82,6 +83,7 @@ class HostRun:
     logits: torch.Tensor | None = None
     generated: list[int] = field(default_factory=list)
     breakdown: dict[str, float] | None = None
+    auto_exact: bool = False  # apb ran the exact layout (bench --auto-exact)
 
 
 @dataclass
@@ -94,10 +96,11 @@ class MethodSetup:
     block_lens: list[int]
     anchor_len: int = 0
     passing_len: int | str = 0
+    auto_exact: bool = False
 
 
 def setup_method(engine: HostEngine, method: str, prompt: Prompt, dims: ModelDims | None = None,
-                 layout: str = "balanced") -> MethodSetup:
+                 layout: str = "balanced", auto_exact: bool = False) -> MethodSetup:
     """Plan and strategy of `method` for this host (the engine's hosts and rank); `layout` applies to the methods
     of APB's machinery (full, star, apb; ring and Ulysses have their own), balanced only given `dims`."""
     ctx = prompt.context_ids
@@ -107,12 +110,12 @@ def setup_method(engine: HostEngine, method: str, prompt: Prompt, dims: ModelDim
         return MethodSetup(zigzag_plans(n, hosts)[rank], ring_prefill, None, block_lens)
     if method == "ulysses":
         return MethodSetup(block_plans(n, hosts)[rank], ulysses_prefill, None, block_lens)
-    cfg = resolve_method("full" if method == "single" else method, n, hosts, dims=dims, auto_exact=False,
-                         layout=layout)
+    cfg = resolve_method("full" if method == "single" else method, n, hosts, dims=dims, auto_exact=auto_exact,
+                         layout=layout, device=engine.device.type)
     plans = plan_hosts(ctx, hosts, cfg.anchor_len, prompt.question_ids, prompt.insert_at, cfg.question_in_anchor,
                        prompt.probe_ids if cfg.probe else [], n, cfg.block_lens)
     return MethodSetup(plans[rank], apb_prefill, cfg.passing, list(cfg.block_lens), cfg.anchor_len,
-                       cfg.passing_len)
+                       cfg.passing_len, cfg.auto_exact)
 
 
 def _pairs(method: str, setup: MethodSetup, received: int, dims: ModelDims) -> float:
@@ -152,7 +155,7 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
     _release(engine)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    setup = setup_method(target, method, prompt, job.dims, job.layout) if target is not None else None
+    setup = setup_method(target, method, prompt, job.dims, job.layout, job.auto_exact) if target is not None else None
     reserve = len(prompt.query_ids) + job.decode_tokens + 2
     run = HostRun(method, rank, target is not None, [], 0.0, [])
     call = None
@@ -176,7 +179,7 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
         plan = setup.plan
         run.tokens = int(plan.position_ids().shape[1])
         run.pairs = _pairs(method, setup, call.passing_received, job.dims)
-        run.anchor_len, run.passing_len = setup.anchor_len, setup.passing_len
+        run.anchor_len, run.passing_len, run.auto_exact = setup.anchor_len, setup.passing_len, setup.auto_exact
         run.passing_received, run.block_len = call.passing_received, plan.block_len
         decoded = decode(target, prompt.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
                          lambda logits: int(logits.argmax()))

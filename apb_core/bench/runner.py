@@ -87,6 +87,7 @@ class BenchConfig:
     allow_pickle: bool = False
     decode: str = "auto"  # apb_core.runtime.engine.DECODE_MODES
     layout: str = "balanced"  # apb_core.algorithm.methods.LAYOUTS (full, star, apb)
+    auto_exact: bool = False  # time what `apb ask --method apb` would run (exact where about as cheap)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
                       decode=config.decode, env=env)
     engine_methods = [m for m in config.methods if m != "hf"]
     jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed), engine_methods,
-                     config.repeat, config.decode_tokens, list(config.breakdown), dims, config.layout)
+                     config.repeat, config.decode_tokens, list(config.breakdown), dims, config.layout,
+                     config.auto_exact)
             for length in config.lengths]
     engine_runs: list[list[list[HostRun]]] = []
     if engine_methods:
@@ -189,6 +191,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     cfg = {"lengths": config.lengths, "hosts": config.hosts, "methods": config.methods,
            "preset": config.preset, "model": config.model, "repeat": config.repeat,
            "decode_tokens": config.decode_tokens, "decode": config.decode, "layout": config.layout,
+           "auto_exact": config.auto_exact,
            "seed": config.seed, "query_len": QUERY_LEN,
            "dims": dims.__dict__}
     return BenchReport(cfg, _machine(config.device, config.hosts), rows, logits, generated)

@@ -10,10 +10,15 @@ import torch
 
 from apb_core.dist.env import Env
 
+OOM_EXIT_CODE = 3  # a worker that ran out of memory exits with this: its one-line report may not get out
+
 
 def is_oom(exc: BaseException) -> bool:
-    """Whether `exc` is the device (or allocator) running out of memory."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """Whether `exc` is the device (or allocator) running out of memory: CUDA's OutOfMemoryError, Python's
+    MemoryError, or the CPU allocator's "can't allocate memory" (a memory limit such as ulimit -v)."""
+    text = str(exc).lower()
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text or "cannot allocate memory" in text)
 
 
 _GIB = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from apb_core.api import Event
-from apb_core.dist.failures import describe_oom, is_oom
+from apb_core.dist.failures import OOM_EXIT_CODE, describe_oom, is_oom
 from apb_core.dist.worker import WorkerSpec, device_for, init_group, load_host, worker_main
 from apb_core.errors import WorkerError
 
@@ -142,8 +142,11 @@ class Workers:
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         alive = [str(r) for r, p in enumerate(self.procs) if p.exitcode is None]
         if code == -signal.SIGKILL:  # what the kernel's OOM killer (or a cgroup memory limit) sends
-            why += (": probably out of memory (the kernel's OOM killer sends SIGKILL); try fewer --hosts, a "
-                    "shorter --len or a smaller model")
+            why += ": probably out of memory (the kernel's OOM killer sends SIGKILL)"
+        elif code == OOM_EXIT_CODE:
+            why = "out of memory"
+        if code in (-signal.SIGKILL, OOM_EXIT_CODE):
+            why += "; use fewer hosts, a shorter document or --len, or a smaller model"
         elif code == -signal.SIGABRT and alive:  # what NCCL's watchdog does to a worker whose collective timed out
             why += (f": aborted, e.g. by NCCL after {self.timeout_s:g} s in a collective; worker(s) "
                     f"{', '.join(alive)} still running")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from apb_core.dist.env import Env, read_env
-from apb_core.dist.failures import describe, describe_oom, is_oom
+from apb_core.dist.failures import OOM_EXIT_CODE, describe, describe_oom, is_oom
 from apb_core.dist.faults import Faults
 
 PARENT_POLL_S = 0.2  # how soon a worker notices that its launcher is gone
@@ -133,7 +133,7 @@ def worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str, jobs,
             events.close()
             events.join_thread()  # put() only hands the message to a feeder thread: let it reach the pipe
         finally:
-            os._exit(1)
+            os._exit(OOM_EXIT_CODE if is_oom(exc) else 1)
     finally:
         if dist.is_initialized():
             try:

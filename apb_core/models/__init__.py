@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .cache import Converter, cache_dir, cache_size, conversion_target, gguf_sha256, prepare, prepared_dir
-from .gguf import convert_gguf, convert_in_child, gguf_architecture, load_gguf_model
+from .gguf import convert_gguf, convert_in_child, gguf_architecture, gguf_context_length, load_gguf_model
 from .presets import PRESETS, build_config, build_random_model
 from .source import (
     EMBEDDED_INSTALL,
@@ -53,6 +53,7 @@ __all__ = [
     "convert_in_child",
     "embedded_gguf_path",
     "gguf_architecture",
+    "gguf_context_length",
     "gguf_sha256",
     "load_config",
     "load_gguf_model",

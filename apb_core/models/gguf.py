@@ -29,6 +29,22 @@ def gguf_architecture(path: Path, max_keys: int = 64) -> str | None:
     key comes first in files written by llama.cpp, so reading a few keys answers in microseconds. Returns None
     when the header cannot be read this way; the full load then reports the problem.
     """
+    value = _gguf_value(path, lambda key: key == b"general.architecture", max_keys)
+    return value if isinstance(value, str) else None
+
+
+def gguf_context_length(path: Path, max_keys: int = 64) -> int | None:
+    """The `<architecture>.context_length` of a GGUF file (the window its config will have), from the header's
+    first keys; None when it is not there."""
+    value = _gguf_value(path, lambda key: key.endswith(b".context_length"), max_keys)
+    return value if isinstance(value, int) else None
+
+
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+
+
+def _gguf_value(path: Path, wanted, max_keys: int) -> str | int | None:
+    """The first metadata value (a string or an integer) whose key `wanted(key)` accepts, else None."""
 
     def read(fh: IO[bytes], n: int) -> bytes:
         data = fh.read(n)
@@ -62,9 +78,11 @@ def gguf_architecture(path: Path, max_keys: int = 64) -> str | None:
                 (key_len,) = struct.unpack("<Q", read(fh, 8))
                 key = read(fh, key_len)
                 (vtype,) = struct.unpack("<I", read(fh, 4))
-                if key == b"general.architecture" and vtype == 8:
+                if wanted(key) and vtype == 8:
                     (length,) = struct.unpack("<Q", read(fh, 8))
                     return read(fh, length).decode("utf-8", "replace")
+                if wanted(key) and vtype in _GGUF_INTS:
+                    return struct.unpack(_GGUF_INTS[vtype], read(fh, _GGUF_SCALAR_SIZES[vtype]))[0]
                 skip_value(fh, vtype)
     except (OSError, EOFError, ValueError, struct.error):
         return None

@@ -123,6 +123,7 @@ class HostEngine:
             RetainingHeads.load(retaining_heads, self.layers, self.device, self.dtype) if retaining_heads else None
         )
         self.cache: HostCache | None = None
+        self.context_len = 0  # the block's tokens in the cache after prefill (rewind goes back to it)
         if decode == "auto":
             decode = "graph" if self.device.type == "cuda" else "eager"
         self.decode_mode = decode
@@ -165,7 +166,16 @@ class HostEngine:
             self.model.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device), use_cache=False,
                              apb_call=call)
         self.cache.length = plan.block_len
+        self.context_len = plan.block_len
         return call
+
+    def rewind(self) -> None:
+        """Forget the query part and the generated tokens: the cache holds the block's KV again, as prefill left
+        it, so the next question over the same prefill sees none of the last one's. Only the last host ever
+        appended; a static decoder stays valid (it reads the cache's buffers in place and refills its length
+        tensor from cache.length at every step; stale K/V past the length is masked out)."""
+        if self.cache is not None:
+            self.cache.length = self.context_len
 
     def _block_rope(self, plan: HostPlan, pos: torch.Tensor, passing: PassingSpec):
         """RoPE cos/sin [B, n, D] of the block's positions: the retaining heads read pre-RoPE q and k."""

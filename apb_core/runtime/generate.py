@@ -78,13 +78,20 @@ def host_plan(engine: HostEngine, method: MethodConfig, prompt: Prompt) -> HostP
     ctx = prompt.context_ids
     plans = plan_hosts(ctx, engine.hosts, method.anchor_len, prompt.question_ids, prompt.insert_at,
                        method.question_in_anchor, prompt.probe_ids if method.probe else [], len(ctx),
-                       method.block_lens or None)
+                       method.block_lens or None, prompt.probe_lens if method.probe else ())
     return plans[engine.rank]
 
 
 @dataclass
 class AskJob:
-    """One question about one document, as every host runs it (`run` is the worker's entry for it)."""
+    """Questions about one document, as every host runs it (`run` is the worker's entry for it): one prefill of
+    `prompt`'s context, then each question's query phase and decode over that cache, which goes back to the
+    document-only state between questions (HostEngine.rewind).
+
+    prompt: the prefill (context, the anchor's question(s), the probe: apb_core.runtime.prompt.shared_prompt for
+    several questions). query_parts: each question's query part, in order (empty: prompt.query_ids alone); the
+    questions are numbered index, index + 1, ... in events and share the sampling settings.
+    """
 
     prompt: Prompt
     method: MethodConfig
@@ -96,17 +103,25 @@ class AskJob:
     eos_ids: list[int] = field(default_factory=list)
     index: int = 0
     stream: bool = True
+    query_parts: list[list[int]] = field(default_factory=list)
 
     @property
     def context_len(self) -> int:
         return self.prompt.context_len
 
-    def run(self, host, emit: Callable[[Event], None]) -> JobResult:
-        return run_job(host.engine, self, host.tokenizer, emit, host.faults)
+    @property
+    def queries(self) -> list[list[int]]:
+        return self.query_parts or [self.prompt.query_ids]
+
+    def run(self, host, emit: Callable[[Event], None]) -> list[JobResult]:
+        return run_questions(host.engine, self, host.tokenizer, emit, host.faults)
 
 
 @dataclass
 class JobResult:
+    """One question's answer on one host. With several questions over one prefill, every result carries the
+    same prefill numbers; decode_s and query_s are the question's own."""
+
     answer: str
     token_ids: list[int]
     prefill_s: float  # from the common start to the last host's end of prefill
@@ -117,15 +132,24 @@ class JobResult:
     passing_tokens: int  # tokens this host received per layer (per KV head)
     finish_reason: str = "length"
     first_logits: torch.Tensor | None = None  # logits after the query phase (tests compare them)
+    query_s: float = 0.0  # the query phase alone (part of decode_s)
 
 
 def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
             faults: Faults = NO_FAULTS) -> JobResult:
-    """Answer one prompt on this host. `emit` receives progress and (on rank 0) streamed token events."""
+    """The first (for a one-question job: the only) answer of `job` on this host (run_questions)."""
+    return run_questions(engine, job, tokenizer, emit, faults)[0]
+
+
+def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
+                  faults: Faults = NO_FAULTS) -> list[JobResult]:
+    """Prefill `job`'s context once, then answer each of its questions in turn on this host; one JobResult per
+    question. `emit` receives progress and (on rank 0) streamed token events."""
     emit = emit or (lambda event: None)
     prompt, method, rank = job.prompt, job.method, engine.rank
     ctx = prompt.context_ids
     plan = host_plan(engine, method, prompt)
+    queries = job.queries
 
     def on_layer(layer: int) -> None:
         emit(Event("progress", rank=rank, phase="prefill", done=layer + 1, total=engine.layers, question=job.index))
@@ -134,35 +158,50 @@ def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], 
     faults.point("prefill", rank)
     t0 = time.perf_counter()
     call = engine.prefill(plan, ctx, passing=method.passing, block_lens=list(method.block_lens),
-                          reserve=len(prompt.query_ids) + job.max_new_tokens + 1, on_layer=on_layer)
+                          reserve=max(map(len, queries)) + job.max_new_tokens + 1, on_layer=on_layer)
     sync(engine.device)
     host_prefill = time.perf_counter() - t0
     barrier(engine.device, engine.hosts, engine.group)
     t1 = time.perf_counter()
+    results = []
+    for i, query_ids in enumerate(queries):
+        engine.rewind()  # no earlier question's or answer's KV reaches this one
+        answer = _answer(engine, job, query_ids, job.index + i, tokenizer, emit, faults)
+        answer.prefill_s, answer.host_prefill_s = t1 - t0, host_prefill
+        answer.block_tokens, answer.anchor_tokens = plan.block_len, plan.anchor_len
+        answer.passing_tokens = call.passing_received
+        results.append(answer)
+    return results
 
-    generator = torch.Generator().manual_seed(job.seed)
+
+def _answer(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, tokenizer,
+            emit: Callable[[Event], None], faults: Faults) -> JobResult:
+    """One question's query phase and decode over the prefilled cache (prefill fields left at 0)."""
+    rank = engine.rank
+    sync(engine.device)
+    t1 = time.perf_counter()
+    generator = torch.Generator().manual_seed(job.seed)  # every question samples as if it were asked alone
     stop = StopText(job.stop)
 
     def on_token(tokens: list[int]) -> bool:
         delta = stop.update(tokenizer.decode(tokens, skip_special_tokens=True)) if tokenizer is not None else ""
         if rank == 0 and job.stream and delta:
-            emit(Event("token", rank=0, text=delta, question=job.index))
+            emit(Event("token", rank=0, text=delta, question=index))
         if rank == 0:
             emit(Event("progress", rank=0, phase="decode", done=len(tokens), total=job.max_new_tokens,
-                       question=job.index))
+                       question=index))
         return not stop.stopped
 
-    decoded = decode(engine, prompt.query_ids, len(ctx), job.max_new_tokens,
+    decoded = decode(engine, query_ids, len(job.prompt.context_ids), job.max_new_tokens,
                      lambda logits: sample_next(logits, job.temperature, job.top_p, generator),
                      on_token, job.eos_ids, faults)
     sync(engine.device)
     decode_s = time.perf_counter() - t1
     tail = stop.flush()
     if rank == 0 and job.stream and tail:
-        emit(Event("token", rank=0, text=tail, question=job.index))
+        emit(Event("token", rank=0, text=tail, question=index))
     return JobResult(
-        answer=stop.text, token_ids=decoded.tokens, prefill_s=t1 - t0, decode_s=decode_s,
-        host_prefill_s=host_prefill, block_tokens=plan.block_len, anchor_tokens=plan.anchor_len,
-        passing_tokens=call.passing_received, finish_reason=decoded.finish_reason,
-        first_logits=decoded.first_logits,
+        answer=stop.text, token_ids=decoded.tokens, prefill_s=0.0, decode_s=decode_s, host_prefill_s=0.0,
+        block_tokens=0, anchor_tokens=0, passing_tokens=0, finish_reason=decoded.finish_reason,
+        first_logits=decoded.first_logits, query_s=decoded.query_s,
     )

@@ -24,6 +24,7 @@ class Prompt:
     insert_at: int  # where the user turn begins in context_ids
     truncated: bool = False
     dropped_tokens: int = 0  # document tokens cut to fit the window (truncate middle|end)
+    probe_lens: tuple[int, ...] = ()  # several questions (shared_prompt): each one's share of probe_ids
 
     @property
     def context_len(self) -> int:
@@ -103,4 +104,40 @@ def build_prompt(
         insert_at=len(head_ids),
         truncated=truncated,
         dropped_tokens=dropped,
+    )
+
+
+def build_prompts(tokenizer, document: str, questions: list[str], window: int, reserve: int,
+                  truncate: str = "none", answer_prefixes: list[str] | None = None,
+                  system: str | None = None) -> list[Prompt]:
+    """One prompt per question, all with the same context (so that one prefill can serve them): where the
+    document must be cut, every prompt is cut as much as the longest question's needs."""
+    prefixes = answer_prefixes or [""] * len(questions)
+    prompts = [build_prompt(tokenizer, document, q, window, reserve, truncate, p, system)
+               for q, p in zip(questions, prefixes, strict=True)]
+    if len({len(p.context_ids) for p in prompts}) > 1:
+        longest = max(len(p.query_ids) for p in prompts)
+        prompts = [build_prompt(tokenizer, document, q, window, reserve + longest - len(p.query_ids), truncate, a,
+                                system)
+                   for q, a, p in zip(questions, prefixes, prompts, strict=True)]
+    return prompts
+
+
+def shared_prompt(prompts: list[Prompt]) -> Prompt:
+    """The prefill prompt of several questions about one context: every question in the anchor, one after the
+    other, and every question's probe (apb_core.algorithm.layout). Its query_ids are the first question's."""
+    first = prompts[0]
+    if any(p.context_ids != first.context_ids for p in prompts):
+        raise ValueError("a shared prefill needs one context for every question")
+    if len(prompts) == 1:
+        return first
+    return Prompt(
+        context_ids=first.context_ids,
+        query_ids=first.query_ids,
+        question_ids=[t for p in prompts for t in p.question_ids],
+        probe_ids=[t for p in prompts for t in p.probe_ids],
+        insert_at=first.insert_at,
+        truncated=first.truncated,
+        dropped_tokens=first.dropped_tokens,
+        probe_lens=tuple(len(p.probe_ids) for p in prompts),
     )
