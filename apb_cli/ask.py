@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from apb_cli import options
+from apb_cli import handler
 from apb_cli.options import AskOptions
 from apb_cli.render import Renderer, json_payload
 from apb_core.api import AskRequest, Event
@@ -83,6 +83,13 @@ def ask(
     layout: Annotated[
         str, typer.Option("--layout", help="balanced (equal prefill work per host) | equal (the paper's equal blocks).")
     ] = "balanced",
+    shared_prefill: Annotated[
+        bool | None,
+        typer.Option("--shared-prefill/--no-shared-prefill",
+                     help="Several questions: one prefill for all (APB puts every question in the anchor) or one "
+                          "each. Default: one for all (exact layouts and star give the same answers either way).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Answer QUESTION about the document at PATH."""
     follower = is_torchrun_follower()  # rank 0 reports; the others compute and stay silent (errors still print)
@@ -94,13 +101,13 @@ def ask(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or []),
             truncate=truncate, json_output=json_output and not follower, quiet=quiet or follower,
             allow_pickle=allow_pickle, threads=threads, dtype=dtype, auto_exact=auto_exact, layout=layout,
-            system=system,
+            system=system, shared_prefill=shared_prefill,
         ))
 
     with contextlib.ExitStack() as stack:
         if follower:
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        code = options.run_command(body)
+        code = handler.run_command(body)
     if code:
         raise typer.Exit(code)
 
@@ -161,7 +168,7 @@ def build_request(opts: AskOptions, renderer: Renderer) -> AskRequest:
         max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
         stop=list(opts.stop), truncate=opts.truncate, threads=opts.threads, allow_pickle=opts.allow_pickle,
         dtype=None if opts.dtype == "auto" else opts.dtype, auto_exact=opts.auto_exact, layout=opts.layout,
-        system=opts.system,
+        system=opts.system, shared_prefill=opts.shared_prefill,
     )
 
 

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apb_cli import options
+from apb_cli import handler
 from apb_cli.options import BenchOptions, parse_breakdown, parse_tokens, split_list
 from apb_core.api import Event
 
@@ -71,6 +71,9 @@ def bench(
         bool, typer.Option("--auto-exact/--no-auto-exact",
                            help="apb as `apb ask` runs it: exact where that costs about as much (default: always APB).")
     ] = False,
+    questions: Annotated[
+        int, typer.Option("--questions", help="Questions answered over each prefill (answer_s counts them all).")
+    ] = 1,
 ) -> None:
     """Time prefill (and decode) of single-GPU, ring, Ulysses, Star and APB on one random prompt."""
 
@@ -80,10 +83,10 @@ def bench(
             model=model, repeat=repeat, device=device, json_output=json_output, plot=plot,
             decode_tokens=decode_tokens, breakdown=parse_breakdown(breakdown), seed=seed, threads=threads,
             dtype=dtype.strip().lower(), quiet=quiet, decode=decode.strip().lower(), layout=layout.strip().lower(),
-            auto_exact=auto_exact,
+            auto_exact=auto_exact, questions=questions,
         ))
 
-    code = options.run_command(body)
+    code = handler.run_command(body)
     if code:
         raise typer.Exit(code)
 
@@ -176,7 +179,7 @@ def results_table(rows: list[dict[str, Any]], device: str = "cuda") -> Table:
         )
     table.caption = ("* approximate method; single = rank 0 alone, whole context; eff = exact causal FLOPs / time; "
                      "exec = FLOPs the method runs; passing recv = tokens the last host received; "
-                     "answer s = prefill + query + --decode-tokens tokens; "
+                     "answer s = prefill + query + --decode-tokens tokens (per question with --questions); "
                      "logits Δ = ‖logits − single's‖ / ‖single's‖ after the query")
     return table
 

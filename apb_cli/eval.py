@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apb_cli import options
+from apb_cli import handler
 from apb_cli.options import EvalOptions, expand_tasks, parse_host_list, parse_tokens, split_list
 from apb_core.eval.tasks import TASKS  # names only (no torch): listed in `apb eval --help`
 
@@ -67,6 +67,12 @@ def eval_command(
         int | None, typer.Option("--threads", help="CPU threads per worker. Default: cores / hosts.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines or table on stderr.")] = False,
+    split_questions: Annotated[
+        bool,
+        typer.Option("--split-questions",
+                     help="niah_multikey_1/niah_multiquery: ask each key as its own question about the document; "
+                          "apb answers them with one prefill each and again over one shared prefill (apb+shared)."),
+    ] = False,
 ) -> None:
     """Score full, Star and APB on synthetic long-context tasks (RULER / InfiniteBench style), offline."""
 
@@ -76,10 +82,10 @@ def eval_command(
             methods=tuple(split_list(methods)), hosts=parse_host_list(hosts), model=model, seed=seed,
             json_output=json_output, out=out, compressor=compressor, question_in_anchor=question_in_anchor,
             auto_exact=auto_exact, anchor_len=anchor_len, passing_len=passing_len, device=device,
-            max_new_tokens=max_new_tokens, threads=threads, quiet=quiet,
+            max_new_tokens=max_new_tokens, threads=threads, quiet=quiet, split_questions=split_questions,
         ))
 
-    code = options.run_command(body)
+    code = handler.run_command(body)
     if code:
         raise typer.Exit(code)
 
@@ -96,7 +102,7 @@ def run_eval_command(opts: EvalOptions) -> int:
     config = EvalConfig(tasks=list(opts.tasks), lengths=list(opts.lengths), samples=opts.samples,
                         methods=list(opts.methods), hosts=list(opts.hosts), model=opts.model, seed=opts.seed,
                         device=opts.device, max_new_tokens=opts.max_new_tokens, threads=opts.threads,
-                        ablation=opts.ablation())
+                        ablation=opts.ablation(), split_questions=opts.split_questions)
     console.print(f"[dim]apb eval: {len(opts.tasks)} task(s) x {len(opts.lengths)} length(s) x "
                   f"{opts.samples} sample(s); methods {', '.join(opts.methods)}; hosts "
                   f"{', '.join(map(str, opts.hosts))}; rows -> {opts.out}[/]")
@@ -131,6 +137,8 @@ def column_keys(summary: dict[str, Any]) -> list[tuple[str, int]]:
         keys.append(("full", config["hosts"][0]))
     for hosts in config["hosts"]:
         keys += [(m, hosts) for m in config["methods"] if m != "full"]
+        if config.get("split_questions") and "apb" in config["methods"]:
+            keys.append(("apb+shared", hosts))  # apb's per-key questions over one prefill (eval.runner)
     return keys
 
 

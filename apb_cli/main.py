@@ -23,7 +23,7 @@ from typer.core import TyperCommand, TyperGroup
 from apb_cli.ask import ask
 from apb_cli.bench import bench
 from apb_cli.eval import eval_command
-from apb_cli.options import error_line
+from apb_cli.handler import error_line
 
 try:  # typer >= 0.2x vendors click; older releases use the click package
     from typer._click.exceptions import ClickException, NoArgsIsHelpError

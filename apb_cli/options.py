@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from apb_core.dist.env import read_env
-from apb_core.errors import ApbError, InputError
+from apb_core.errors import InputError
 
 if TYPE_CHECKING:  # imported for real only where a config is built: it pulls in torch
     from apb_core.bench import BenchConfig
@@ -64,6 +60,8 @@ def host_notes(device: str, hosts_given: int | None, hosts: int, method: str = "
                cores: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(notes, warnings) about the host count, for stderr and the JSON: the default of one host that small CPUs
     get (a choice apb made on its own) and more CPU hosts than cores (each host is a process)."""
+    if read_env().torchrun is not None:  # the hosts are torchrun's processes, one per rank: nothing was chosen
+        return (), ()
     cores = (os.cpu_count() or 1) if cores is None else cores
     notes: list[str] = []
     warnings: list[str] = []
@@ -210,6 +208,7 @@ class AskOptions:
     auto_exact: bool
     layout: str = "balanced"
     system: str | None = None
+    shared_prefill: bool | None = None  # several questions over one prefill (None: apb_core.ask's default)
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -274,6 +273,7 @@ class BenchOptions:
     decode: str = "auto"
     layout: str = "balanced"
     auto_exact: bool = False
+    questions: int = 1
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -299,6 +299,7 @@ class BenchOptions:
         check_choice("--dtype", self.dtype, DTYPES)
         check_choice("--decode", self.decode, DECODE_MODES)
         check_choice("--layout", self.layout, LAYOUTS)
+        check_at_least("--questions", self.questions, 1)
         preset = self.preset or (None if self.model else DEFAULT_PRESET if device == "cuda" else DEFAULT_CPU_PRESET)
         notes, warnings = host_notes(device, self.hosts, hosts)
         if not self.preset and not self.model and device == "cpu":
@@ -313,7 +314,8 @@ class BenchOptions:
                            preset=self.preset, model=self.model, device=self.device, repeat=self.repeat,
                            decode_tokens=self.decode_tokens, breakdown=list(self.breakdown), seed=self.seed,
                            threads=self.threads, dtype=None if self.dtype == "auto" else self.dtype,
-                           decode=self.decode, layout=self.layout, auto_exact=self.auto_exact)
+                           decode=self.decode, layout=self.layout, auto_exact=self.auto_exact,
+                           questions=self.questions)
 
 
 def parse_breakdown(text: str) -> tuple[str, ...]:
@@ -345,6 +347,7 @@ class EvalOptions:
     max_new_tokens: int | None
     threads: int | None
     quiet: bool
+    split_questions: bool = False
 
     def __post_init__(self) -> None:
         check_at_least("--samples", self.samples, 1)
@@ -414,66 +417,3 @@ def parse_host_list(text: str) -> tuple[int, ...]:
 
 
 # ---- the one error handler ----------------------------------------------------------------------------------
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same clean-up (workers stopped) runs."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def run_command(body: Callable[[], int]) -> int:
-    """Run a command's body and return its exit code; a failure becomes ONE stderr line and its exit code.
-
-    ApbError: `apb: error: ...` with `exc.exit_code` (2 for bad input). Ctrl-C: 130; SIGTERM, handled like
-    Ctrl-C while the body runs so workers are stopped: 143. A closed stdout (`| head`): quiet, 1. Anything else:
-    `apb: error: unexpected ...`, 1, with the traceback when APB_DEBUG is set.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        return _report_failures(body)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return _report_failures(body)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _report_failures(body: Callable[[], int]) -> int:
-    try:
-        return body()
-    except ApbError as exc:
-        return _fail(error_line(exc), exc.exit_code)
-    except Terminated:
-        return _fail("apb: terminated", 143)
-    except KeyboardInterrupt:
-        return _fail("apb: interrupted", 130)
-    except BrokenPipeError:  # the reader of stdout went away: nothing left to say to it
-        _silence_stdout()
-        return 1
-    except Exception as exc:
-        if read_env().debug:
-            traceback.print_exc(file=sys.stderr)
-        return _fail(error_line(f"unexpected {type(exc).__name__}: {exc} (set APB_DEBUG=1 for the traceback)"), 1)
-
-
-def error_line(message: object) -> str:
-    """`apb: error: <message>` on one line, whatever newlines the message holds."""
-    text = " ".join(str(message).split()) or "unknown error"
-    return f"apb: error: {text}"
-
-
-def _fail(line: str, code: int) -> int:
-    print(line, file=sys.stderr)
-    sys.stderr.flush()
-    return code
-
-
-def _silence_stdout() -> None:
-    """After EPIPE, point stdout at /dev/null so the interpreter's final flush does not raise again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass

@@ -2,6 +2,8 @@
 
 stdout carries only answer text (streamed token by token, each answer ending with a newline) or, with
 `--json`, one JSON object; so `apb ask doc.pdf "..." > answer.txt` captures the answer and nothing else.
+With several questions each answer is headed by a line `==> Qn: <question> <==` and answers are separated by
+a blank line (`head`'s convention for several files), so `csplit`/`awk` can split the output on those lines.
 Progress bars (one per (phase, host)), warnings, logs and the timing tables go to stderr through a rich
 `Console(stderr=True)`, and `--quiet` silences all of them.
 """
@@ -28,7 +30,7 @@ from rich.table import Table
 from apb_core.api import AskResult, Event
 
 # The order phases are shown in the timing table; keys the engine adds beyond these follow in its order.
-TIMING_KEYS = ("convert_s", "load_s", "tokenize_s", "prefill_s", "decode_s", "total_s")
+TIMING_KEYS = ("convert_s", "load_s", "tokenize_s", "prefill_s", "query_s", "decode_s", "total_s")
 
 # Bars for these phases are hidden while an answer streams to the same terminal: one line of text and a
 # redrawn bar cannot share the screen.
@@ -66,6 +68,7 @@ class Renderer:
         self._line_open = False  # stdout's last character is not a newline
         self._answer_chars = 0  # characters streamed for the current answer
         self._streamed: set[int] = set()  # questions whose answer came through token events
+        self._labelled: set[int] = set()  # questions whose `==> Qn: ... <==` line stdout has
         self.warnings: list[str] = []  # every warning, shown or not (--quiet): the JSON's `warnings`
         self.notes: list[str] = []  # choices apb made on its own, shown or not: the JSON's `notes`
 
@@ -116,9 +119,20 @@ class Renderer:
         self._end_answer()
         self._stop_bars()
         self._question = index
-        if len(self.questions) > 1 and not self.quiet and 0 <= index < len(self.questions):
-            one_line = " ".join(self.questions[index].splitlines())  # a header is one line, whatever the breaks
-            self.console.print(f"[bold]Q:[/] {_escape(one_line)}")
+        # streamed answers get their question on stdout (_label); with --json only stderr can name it
+        if len(self.questions) > 1 and not self.quiet and not self.stream_answers and 0 <= index < len(self.questions):
+            self.console.print(f"[bold]Q:[/] {_escape(_one_line(self.questions[index]))}")
+
+    def _label(self, index: int) -> None:
+        """Head answer `index` on stdout with `==> Qn: question <==` when there are several questions, after a
+        blank line unless it is the first (see top)."""
+        if len(self.questions) < 2 or index in self._labelled or not 0 <= index < len(self.questions):
+            return
+        if self._labelled:
+            self.out.write("\n")
+        self.out.write(f"==> Q{index + 1}: {_one_line(self.questions[index])} <==\n")
+        self.out.flush()
+        self._labelled.add(index)
 
     def _token(self, event: Event) -> None:
         if not self.stream_answers:
@@ -126,6 +140,7 @@ class Renderer:
         self._enter_question(event.question)
         if self._pause_bars_for_tokens:
             self._stop_bars()
+        self._label(event.question)
         self._streaming = True
         self._streamed.add(event.question)
         if event.text:
@@ -230,6 +245,7 @@ class Renderer:
             if index in self._streamed:
                 continue
             self._enter_question(index)
+            self._label(index)
             self.out.write(result.answer if result.answer.endswith("\n") else result.answer + "\n")
             self.out.flush()
         self._question = len(results)
@@ -293,6 +309,8 @@ def summary_line(result: AskResult) -> str:
         f"{result.layout} blocks, anchor {result.anchor_len}, passing {result.passing_len}"
         + (" (exact: about as cheap as compressing at this length)" if result.auto_exact else ""),
     ]
+    if result.shared_prefill:
+        parts.append(f"prefill {result.prefill + 1} shared by several questions")
     if result.truncated:
         parts.append(f"document truncated to fit the window: {result.dropped_tokens:,} tokens dropped, "
                      f"{result.context_tokens:,} context tokens kept")
@@ -323,6 +341,8 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "auto_exact": result.auto_exact,
         "layout": result.layout,
+        "prefill": result.prefill,
+        "shared_prefill": result.shared_prefill,
         "host_stats": [
             {
                 "rank": s.rank,
@@ -339,13 +359,15 @@ def result_dict(result: AskResult) -> dict[str, Any]:
 def json_payload(results: list[AskResult], notes: list[str] | tuple[str, ...] = (),
                  warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """One object: the first answer's fields at the top level, and `answers` with all when there are more;
-    `notes` (choices apb made on its own) and `warnings`, the lines stderr showed.
+    `prefill_count` (prefills the run needed: one for several questions that shared it); `notes` (choices apb
+    made on its own) and `warnings`, the lines stderr showed.
 
     Non-finite numbers (a rate over a zero-length phase) become null: `NaN`/`Infinity` are not JSON.
     """
     payload = result_dict(results[0])
     if len(results) > 1:
         payload["answers"] = [result_dict(r) for r in results]
+    payload["prefill_count"] = len({r.prefill for r in results})
     payload["notes"], payload["warnings"] = list(notes), list(warnings)
     return _finite(payload)
 
@@ -358,6 +380,11 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _one_line(question: str) -> str:
+    """A header is one line, whatever breaks the question holds (U+0085 and the other line breaks included)."""
+    return " ".join(question.splitlines())
 
 
 def _seconds(value: float | None) -> str:

@@ -98,7 +98,7 @@ class Session:
                                 answer_prefixes, req.system)
         method = resolve_method(req.method, prompts[0].context_len, self.hosts, req.anchor_len, req.passing_len,
                                 req.compressor, req.question_in_anchor, req.seed, self.dims, req.auto_exact,
-                                req.layout)
+                                req.layout, device=self.request.device)
         tokenize_s = time.perf_counter() - t0 + (self.setup_s if index == 0 else 0.0)
         start = t_start if t_start is not None else t0
         if len(questions) > 1 and self.shares_prefill(method, req):

@@ -55,3 +55,31 @@ def retaining(rank, hosts, heads_path, context_ids, query_ids):
     method = resolve_method("apb", len(context_ids), hosts, 4, 6, scorer="retaining_heads")
     result = run_job(engine, AskJob(prompt, method, max_new_tokens=4), tokenizer=None)
     return result.first_logits, result.passing_tokens
+
+
+def shared_answers(rank, hosts, spec, context_ids, queries, decode="eager", questions=(), probes=(), insert_at=0):
+    """`queries` answered each over its own prefill, then all over one prefill (run_questions). Returns
+    (separate [(first_logits, tokens)], shared [(first_logits, tokens)], the cache length at each shared query
+    phase, this host's block length)."""
+    from apb_core.runtime.generate import run_questions
+    from apb_core.runtime.prompt import shared_prompt
+
+    engine = HostEngine(tiny_model("llama"), rank, hosts, decode=decode)
+    name, anchor_len, passing_len = spec
+    method = resolve_method(name, len(context_ids), hosts, anchor_len, passing_len, auto_exact=False)
+    prompts = [Prompt(list(context_ids), list(q), list(questions[i]) if questions else [],
+                      list(probes[i]) if probes else [], insert_at) for i, q in enumerate(queries)]
+    separate = [run_job(engine, AskJob(p, method, max_new_tokens=12), tokenizer=None) for p in prompts]
+    lengths = []
+    step = engine.step
+
+    def recording(ids, start_pos):  # the query phase: more than one token
+        if len(ids) > 1:
+            lengths.append(engine.cache.length)
+        return step(ids, start_pos)
+
+    engine.step = recording
+    job = AskJob(shared_prompt(prompts), method, max_new_tokens=12, query_parts=[p.query_ids for p in prompts])
+    shared = run_questions(engine, job, tokenizer=None)
+    return ([(r.first_logits, r.token_ids) for r in separate], [(r.first_logits, r.token_ids) for r in shared],
+            lengths, engine.context_len)

@@ -136,3 +136,23 @@ def test_cli_plot_without_matplotlib_is_one_clear_line(tmp_path):
                                      "--repeat", "1", "--methods", "single,ring", "--plot", str(tmp_path / "a.png")])
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_questions_over_one_prefill():
+    """`apb bench --questions 3`: three queries and answers over each prefill; the first question's logits are
+    the one-question run's for exact methods, and answer_s adds every question's query and answer."""
+    config = BenchConfig(lengths=[512], hosts=2, methods=["single", "full", "apb"], preset="tiny", device="cpu",
+                         repeat=1, decode_tokens=3, breakdown=[], questions=3)
+    report = run_bench(config)
+    one = run_bench(BenchConfig(**{**config.__dict__, "questions": 1, "methods": ["single"]}))
+    assert torch.allclose(report.logits[("single", 512)], one.logits[("single", 512)], atol=1e-5)
+    assert (report.logits[("full", 512)] - report.logits[("single", 512)]).abs().max() <= 1e-4
+    assert report.payload()["config"]["questions"] == 3
+    for row in report.rows:
+        assert row["questions"] == 3
+        assert row["answer_s"] > row["one_answer_s"] > row["prefill_s"]
+        assert row["questions_vs_one"] == pytest.approx(row["answer_s"] / row["one_answer_s"])
+    [row] = one.rows
+    assert row["questions"] == 1 and row["answer_s"] == pytest.approx(row["one_answer_s"])
+    result = runner.invoke(app, ["bench", "--preset", "tiny", "--len", "512", "--questions", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "--questions" in result.stderr

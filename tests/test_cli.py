@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from apb_cli import options
+from apb_cli import handler, options
 from apb_cli.main import app
 from apb_core.api import AskRequest, AskResult, Event, HostStats
 from apb_core.errors import ApbError, InputError, WorkerError
@@ -355,9 +356,31 @@ def test_several_questions_stream_in_order(doc: Path, engine: dict[str, Any]) ->
     engine["answers"] = ["first answer", "second\nanswer"]
     result = invoke("ask", str(doc), "a?", "-q", "b?")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "first answer\nsecond\nanswer\n"
-    assert result.stderr.index("Q: a?") < result.stderr.index("Q: b?")
+    # each answer under a `==> Qn: question <==` line, a blank line between answers (head's convention)
+    assert result.stdout == "==> Q1: a? <==\nfirst answer\n\n==> Q2: b? <==\nsecond\nanswer\n"
+    assert "Q: a?" not in result.stderr  # stdout names the questions
     assert engine["calls"] == 1  # one model load for all questions
+    assert engine["requests"][0].shared_prefill is None  # the engine's default
+    parts = re.split(r"^==> Q\d+: .* <==\n", result.stdout, flags=re.MULTILINE)
+    assert parts[1:] == ["first answer\n\n", "second\nanswer\n"]  # each answer, then the blank separator line
+
+
+def test_one_question_stdout_has_no_label(doc: Path, engine: dict[str, Any]) -> None:
+    result = invoke("ask", str(doc), "a?", "--quiet")
+    assert result.stdout == "Answer 1: 7481.\n"
+
+
+def test_shared_prefill_option_and_json(doc: Path, engine: dict[str, Any]) -> None:
+    result = invoke("ask", str(doc), "a?", "-q", "b?", "--no-shared-prefill", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert engine["requests"][0].shared_prefill is False
+    payload = json.loads(result.stdout)
+    assert payload["prefill_count"] == 1  # the fake's answers all say prefill 0
+    assert [a["prefill"] for a in payload["answers"]] == [0, 0]
+    assert "query_s" in payload["timings"]
+    assert "Q: a?" not in result.stdout
+    invoke("ask", str(doc), "a?", "-q", "b?", "--shared-prefill", "--quiet")
+    assert engine["requests"][1].shared_prefill is True
 
 
 def test_answer_printed_when_engine_does_not_stream(doc: Path, engine: dict[str, Any]) -> None:
@@ -365,7 +388,7 @@ def test_answer_printed_when_engine_does_not_stream(doc: Path, engine: dict[str,
     engine["answers"] = ["x", ""]
     result = invoke("ask", str(doc), "a?", "-q", "b?", "--quiet")
     assert result.exit_code == 0
-    assert result.stdout == "x\n\n"
+    assert result.stdout == "==> Q1: a? <==\nx\n\n==> Q2: b? <==\n\n"
 
 
 def test_stdin_document(engine: dict[str, Any]) -> None:
@@ -506,7 +529,7 @@ def test_one_cpu_default_for_every_command(monkeypatch: pytest.MonkeyPatch) -> N
     [
         (InputError("bad\ninput"), 2, "apb: error: bad input"),
         (WorkerError("host 1 failed"), 1, "apb: error: host 1 failed"),
-        (options.Terminated(), 143, "apb: terminated"),
+        (handler.Terminated(), 143, "apb: terminated"),
         (KeyboardInterrupt(), 130, "apb: interrupted"),
         (RuntimeError("boom"), 1, "apb: error: unexpected RuntimeError: boom (set APB_DEBUG=1 for the traceback)"),
     ],
@@ -519,7 +542,7 @@ def test_run_command_is_the_one_handler(
     def body() -> int:
         raise error
 
-    assert options.run_command(body) == code
+    assert handler.run_command(body) == code
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", line + "\n")
 
@@ -533,20 +556,20 @@ def test_run_command_turns_sigterm_into_exit_143(capsys: pytest.CaptureFixture[s
         return 0
 
     before = signal.getsignal(signal.SIGTERM)
-    assert options.run_command(body) == 143
+    assert handler.run_command(body) == 143
     assert capsys.readouterr().err == "apb: terminated\n"
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
 
 
 def test_run_command_is_silent_on_a_closed_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(options, "_silence_stdout", lambda: None)  # the test's own stdout stays usable
+    monkeypatch.setattr(handler, "_silence_stdout", lambda: None)  # the test's own stdout stays usable
     lines: list[str] = []
-    monkeypatch.setattr(options, "_fail", lambda line, code: lines.append(line) or code)
+    monkeypatch.setattr(handler, "_fail", lambda line, code: lines.append(line) or code)
 
     def body() -> int:
         raise BrokenPipeError()
 
-    assert options.run_command(body) == 1
+    assert handler.run_command(body) == 1
     assert lines == []
 
 

@@ -38,3 +38,18 @@ def test_keep_is_capped_by_block_and_random_is_seeded():
     assert select_top(torch.randn(3, 4), keep=10).shape == (3, 4)
     a, b = random_scores(30, 2, 7, "cpu"), random_scores(30, 2, 7, "cpu")
     assert torch.equal(a, b) and not torch.equal(a, random_scores(30, 2, 8, "cpu"))
+
+
+def test_several_questions_score_each_then_keep_the_max():
+    """Two questions over one prefill: each scores the block alone (mean over its tokens), a token keeps the
+    max; a token only the short question attends to is kept although the long one outweighs it in a sum."""
+    g = torch.Generator().manual_seed(3)
+    hkv, group, d, n = 2, 2, 8, 12
+    k = torch.randn(1, hkv, n, d, generator=g)
+    q1 = torch.randn(1, hkv * group, 6, d, generator=g)
+    q2 = torch.randn(1, hkv * group, 2, d, generator=g)
+    q = torch.cat([q1, q2], dim=2)
+    one, two = query_aware_scores(q1, k, 0.5), query_aware_scores(q2, k, 0.5)
+    both = query_aware_scores(q, k, 0.5, (6, 2))
+    assert torch.allclose(both, torch.maximum(one / 6, two / 2))
+    assert torch.allclose(query_aware_scores(q1, k, 0.5, (6,)), one)  # one question: the plain sum

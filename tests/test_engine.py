@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import reference, run_hosts, tiny_model, tokens
-from engine_workers import answer, decode_merge
+from engine_workers import answer, decode_merge, shared_answers
 
 from apb_core.algorithm.flops import ModelDims
 from apb_core.algorithm.methods import resolve_method
@@ -104,3 +104,34 @@ def test_apb_compressed_runs_and_differs_from_exact():
     assert (apb_logits - exact_logits).abs().max() > 1e-4  # the approximation is real
     # every host agrees on the merged logits
     assert (results[0][0][0] - apb_logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("spec", [("full", None, None), ("apb", 0, "all"), ("star", None, None)])
+def test_questions_over_one_prefill_equal_separate_runs(hosts, decode, spec):
+    """Exact layouts (and star: its prefill reads no question): three questions over one prefill give the
+    tokens and logits of three separate runs, and each query phase starts from the document-only cache."""
+    ctx = tokens(20 + hosts, CTX_LEN)
+    queries = [tokens(30, QUERY_LEN), tokens(31, QUERY_LEN + 3), tokens(32, 2)]
+    results = run_hosts(shared_answers, hosts, spec, ctx, queries, decode)
+    for rank, (separate, shared, lengths, block_len) in enumerate(results):
+        assert lengths == [block_len] * len(queries), rank
+        for q, ((ref_logits, ref_tokens), (logits, generated)) in enumerate(zip(separate, shared, strict=True)):
+            assert (logits - ref_logits).abs().max().item() <= 1e-5, (rank, q)
+            assert generated == ref_tokens and len(generated) == 12, (rank, q)
+
+
+def test_apb_shared_prefill_puts_every_question_in_anchor_and_probe():
+    """APB over one prefill: the prefill reads both questions, so answers may differ from separate runs, but
+    every host agrees and the cache is document-only at each query phase; one question is the plain run."""
+    ctx = tokens(5, 80)
+    queries = [tokens(6, 6), tokens(7, 5)]
+    questions, probes = [tokens(9, 3), tokens(10, 4)], [queries[0][:3], queries[1][:4]]
+    results = run_hosts(shared_answers, 2, ("apb", 12, 6), ctx, queries, "eager", questions, probes, 2)
+    for _separate, shared, lengths, block_len in results:
+        assert lengths == [block_len, block_len]
+        assert all(torch.isfinite(logits).all() for logits, _ in shared)
+    assert (results[0][1][1][0] - results[1][1][1][0]).abs().max() <= 1e-5  # the hosts agree on the merge
+    [(separate, shared, _, _)] = run_hosts(shared_answers, 1, ("apb", None, None), ctx, queries[:1])
+    assert shared[0][1] == separate[0][1]

@@ -163,3 +163,46 @@ def test_bad_option_is_one_line_exit_2(args: list[str], tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("apb: error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "x.jsonl").exists()  # nothing ran
+
+
+class _SplitSession(_FakeSession):
+    """answer_all as Session does it: full finds every key's number; apb over one shared prefill only the first."""
+
+    def answer_all(self, document: str, questions: list[str], index: int = 0,
+                   answer_prefixes: list[str] | None = None, t_start: float | None = None,
+                   settings: AskRequest | None = None) -> list[AskResult]:
+        assert settings is not None and answer_prefixes and len(answer_prefixes) == len(questions)
+        _FakeSession.calls.append((self.hosts, settings))
+        results = []
+        for j, question in enumerate(questions):
+            key = re.search(r"for (\S+) mentioned", question).group(1)
+            number = re.search(rf"for {key} is: (\d+)\.", document).group(1)
+            text = "no idea" if settings.shared_prefill and j > 0 else number
+            results.append(AskResult(question=question, answer=text, model="fake", method=settings.method,
+                                     hosts=self.hosts, device="cpu", prompt_tokens=500, context_tokens=450,
+                                     generated_tokens=3, anchor_len=0, passing_len=0,
+                                     timings={"prefill_s": 1.0, "decode_s": 0.5, "total_s": 1.5},
+                                     prefill_tokens_per_s=450.0, shared_prefill=bool(settings.shared_prefill)))
+        return results
+
+
+def test_split_questions_ask_every_key_with_and_without_a_shared_prefill(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import apb_core.ask
+
+    monkeypatch.setattr(apb_core.ask, "Session", _SplitSession)
+    _FakeSession.calls = []
+    config = EvalConfig(tasks=["niah_multiquery"], lengths=[1024], samples=1, methods=["full", "apb"], hosts=[2],
+                        split_questions=True)
+    summary = run_eval(config, out_path=tmp_path / "rows.jsonl")
+    assert [(s.method, s.shared_prefill) for _, s in _FakeSession.calls] == [
+        ("full", False), ("apb", False), ("apb", True)]
+    rows = read_rows(tmp_path / "rows.jsonl")
+    assert [(r["method"], r["question"]) for r in rows] == [
+        (m, j) for m in ("full", "apb", "apb+shared") for j in range(4)]
+    assert all(len(r["expected"]) == 1 and r["asked"].endswith("mentioned in the provided text?") for r in rows)
+    cells = {c.method: c for c in summary.cells}
+    assert cells["apb"].accuracy == 100.0 and cells["apb+shared"].accuracy == 25.0
+    assert cells["apb+shared"].delta_vs_full == -75.0
+    with pytest.raises(InputError, match="split-questions"):
+        run_eval(EvalConfig(tasks=["niah_single_1"], lengths=[1024], split_questions=True))

@@ -47,3 +47,14 @@ def test_host_plans_positions_and_probe():
     assert pos[8 : 8 + p1.block_len].tolist() == list(range(p1.block_start, p1.block_end))
     assert pos[-3:].tolist() == [50, 51, 52] and ids[-3:].tolist() == [5, 6, 7]
     assert isinstance(pos, torch.Tensor)
+
+
+def test_probe_of_several_questions_starts_each_at_the_query_phase():
+    ctx = list(range(100, 140))
+    plans = plan_hosts(ctx, 2, 6, [1, 2, 3, 4], 2, True, [7, 8, 9, 5, 6], 40, probe_lens=(3, 2))
+    assert plans[1].anchor_ids[:6] == [100, 101, 1, 2, 3, 4]
+    assert plans[0].probe_segments == (3, 2) and plans[1].probe_segments == ()  # the last host has no probe
+    pos = plans[0].position_ids()[0].tolist()
+    assert pos[plans[0].block_len:] == [40, 41, 42, 40, 41]
+    with pytest.raises(ValueError):
+        plan_hosts(ctx, 2, 6, [], 2, False, [7, 8], 40, probe_lens=(3,))

@@ -46,7 +46,8 @@ def test_auto_exact_follows_the_cost_ratio():
             a, p = default_lengths(n, 2)
             exact_lens, apb_lens = _lens(layout, n, 2, 0, "all"), _lens(layout, n, 2, a, p)
             price = FLOPS_PER_BYTE["cpu"]  # resolve_method's default device
-            exact = max(layout_flops(LLAMA_8B, exact_lens, 0, "all")) + price * passing_bytes(LLAMA_8B, exact_lens, "all")
+            exact = max(layout_flops(LLAMA_8B, exact_lens, 0, "all"))
+            exact += price * passing_bytes(LLAMA_8B, exact_lens, "all")
             apb = max(layout_flops(LLAMA_8B, apb_lens, a, p)) + price * passing_bytes(LLAMA_8B, apb_lens, p)
             chosen = resolve_method("apb", n, 2, dims=LLAMA_8B, layout=layout)
             assert chosen.auto_exact == (exact / apb <= EXACT_SLACK) and chosen.layout == layout

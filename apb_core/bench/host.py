@@ -26,7 +26,7 @@ from apb_core.baselines.ulysses import block_plans, ulysses_pairs, ulysses_prefi
 from apb_core.runtime.engine import HostEngine
 from apb_core.runtime.generate import decode
 from apb_core.runtime.prefill import Strategy, apb_prefill
-from apb_core.runtime.prompt import Prompt
+from apb_core.runtime.prompt import Prompt, shared_prompt
 from apb_core.runtime.timing import PhaseTimer, barrier, sync
 
 QUERY_LEN = 32  # tokens after the context: the question (first 24, also put in APB's anchor) + template tail
@@ -39,7 +39,7 @@ class BenchJob:
     """What every host runs for one context length (the same tokens on every host)."""
 
     length: int
-    tokens: list[int]  # context (length) + query (QUERY_LEN)
+    tokens: list[int]  # context (length) + one query (QUERY_LEN) per question
     methods: list[str]
     repeat: int
     decode_tokens: int
@@ -47,14 +47,21 @@ class BenchJob:
     dims: ModelDims
     layout: str = "balanced"
     auto_exact: bool = False  # apb as `apb ask` runs it: exact where that costs about as much (methods.py)
+    questions: int = 1  # questions answered in turn over each prefill (apb: all of them in anchor and probe)
 
     @property
     def context_len(self) -> int:
         return self.length
 
+    def prompts(self) -> list[Prompt]:
+        """One prompt per question: the same context, each its own QUERY_LEN query tokens."""
+        ctx, rest = self.tokens[: self.length], self.tokens[self.length :]
+        queries = [rest[i * QUERY_LEN : (i + 1) * QUERY_LEN] for i in range(self.questions)]
+        return [Prompt(ctx, q, q[:QUESTION_LEN], q[:QUESTION_LEN], min(INSERT_AT, self.length)) for q in queries]
+
     def prompt(self) -> Prompt:
-        ctx, query = self.tokens[: self.length], self.tokens[self.length :]
-        return Prompt(ctx, query, query[:QUESTION_LEN], query[:QUESTION_LEN], min(INSERT_AT, self.length))
+        """The prefill's prompt (every question in the anchor and the probe: runtime.prompt.shared_prompt)."""
+        return shared_prompt(self.prompts())
 
     def run(self, host, emit: Callable[[Event], None]) -> list[HostRun]:
         """Every method of the job on this host, in order (the worker's entry for a bench job)."""
@@ -84,6 +91,7 @@ class HostRun:
     generated: list[int] = field(default_factory=list)
     breakdown: dict[str, float] | None = None
     auto_exact: bool = False  # apb ran the exact layout (bench --auto-exact)
+    question_query_s: list[float] = field(default_factory=list)  # each question's query phase (the first: query_s)
 
 
 @dataclass
@@ -113,7 +121,8 @@ def setup_method(engine: HostEngine, method: str, prompt: Prompt, dims: ModelDim
     cfg = resolve_method("full" if method == "single" else method, n, hosts, dims=dims, auto_exact=auto_exact,
                          layout=layout, device=engine.device.type)
     plans = plan_hosts(ctx, hosts, cfg.anchor_len, prompt.question_ids, prompt.insert_at, cfg.question_in_anchor,
-                       prompt.probe_ids if cfg.probe else [], n, cfg.block_lens)
+                       prompt.probe_ids if cfg.probe else [], n, cfg.block_lens,
+                       prompt.probe_lens if cfg.probe else ())
     return MethodSetup(plans[rank], apb_prefill, cfg.passing, list(cfg.block_lens), cfg.anchor_len,
                        cfg.passing_len, cfg.auto_exact)
 
@@ -181,10 +190,15 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
         run.pairs = _pairs(method, setup, call.passing_received, job.dims)
         run.anchor_len, run.passing_len, run.auto_exact = setup.anchor_len, setup.passing_len, setup.auto_exact
         run.passing_received, run.block_len = call.passing_received, plan.block_len
-        decoded = decode(target, prompt.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
-                         lambda logits: int(logits.argmax()))
-        run.logits, run.query_s, run.token_s = decoded.first_logits, decoded.query_s, decoded.token_s
-        run.generated = decoded.tokens[: job.decode_tokens]
+        for i, question in enumerate(job.prompts()):  # every question over the one prefill, the first reported
+            target.rewind()
+            decoded = decode(target, question.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
+                             lambda logits: int(logits.argmax()))
+            run.question_query_s.append(decoded.query_s)
+            run.token_s += decoded.token_s
+            if i == 0:
+                run.logits, run.query_s = decoded.first_logits, decoded.query_s
+                run.generated = decoded.tokens[: job.decode_tokens]
     barrier(engine.device, hosts, engine.group)
     if method in job.breakdown and target is not None:
         run.breakdown = _breakdown(target, setup, prompt, reserve)

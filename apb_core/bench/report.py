@@ -47,9 +47,13 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims) -> 
         gpus = len(active)
         critical = active[-1]  # the last host: it holds the query and, for APB/Star, the most work
         token_s = _median(lead.token_s) if lead.token_s else None
-        answer_s = None
+        answer_s = one_answer_s = None
+        queries_s = lead.question_query_s if method != "hf" else [0.0]  # hf: one question, its query in prefill
+        questions = max(len(queries_s), 1)
         if seconds is not None and token_s is not None:  # what a user waits for: prefill, query, the answer
-            answer_s = seconds + (lead.query_s if method != "hf" else 0.0) + job.decode_tokens * token_s
+            one_answer_s = seconds + (queries_s[0] if queries_s else 0.0) + job.decode_tokens * token_s
+            # bench --questions N: every question's query and answer over the one prefill
+            answer_s = seconds + sum(queries_s) + questions * job.decode_tokens * token_s
         row: dict[str, Any] = {
             "method": method,
             "len": job.length,
@@ -73,6 +77,9 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims) -> 
             "query_ms": lead.query_s * 1e3 if lead.participated and method != "hf" else None,
             "decode_ms_per_token": token_s * 1e3 if token_s is not None else None,
             "answer_s": answer_s,
+            "questions": questions,
+            "one_answer_s": one_answer_s,  # the first question alone: prefill, its query, its answer
+            "questions_vs_one": answer_s / one_answer_s if answer_s and one_answer_s else None,
             "generated": list(lead.generated),
             "anchor_len": critical.anchor_len,
             "passing_len": critical.passing_len,

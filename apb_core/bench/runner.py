@@ -88,6 +88,7 @@ class BenchConfig:
     decode: str = "auto"  # apb_core.runtime.engine.DECODE_MODES
     layout: str = "balanced"  # apb_core.algorithm.methods.LAYOUTS (full, star, apb)
     auto_exact: bool = False  # time what `apb ask --method apb` would run (exact where about as cheap)
+    questions: int = 1  # questions answered over each prefill (`apb ask -q A -q B ...`)
 
 
 @dataclass
@@ -114,6 +115,8 @@ def validate(config: BenchConfig, dims: ModelDims) -> None:
         raise InputError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
     if config.repeat < 1:
         raise InputError(f"--repeat must be at least 1 (got {config.repeat})")
+    if config.questions < 1:
+        raise InputError(f"--questions must be at least 1 (got {config.questions})")
     if config.decode_tokens < 0:
         raise InputError(f"--decode-tokens must not be negative (got {config.decode_tokens})")
     for length in config.lengths:
@@ -136,11 +139,12 @@ def _machine(device: str, hosts: int) -> dict[str, Any]:
     return info
 
 
-def random_tokens(length: int, vocab: int, seed: int) -> list[int]:
-    """The prompt every method gets: context + query, ids away from the special tokens at the ends."""
+def random_tokens(length: int, vocab: int, seed: int, questions: int = 1) -> list[int]:
+    """The prompt every method gets: context + one query per question, ids away from the special tokens at the
+    ends (the first question's tokens do not depend on `questions`)."""
     rng = random.Random(seed * 1_000_003 + length)
     low, high = min(100, vocab // 4), max(vocab - 300, vocab // 2)
-    return [rng.randrange(low, high) for _ in range(length + QUERY_LEN)]
+    return [rng.randrange(low, high) for _ in range(length + QUERY_LEN * questions)]
 
 
 def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = None) -> BenchReport:
@@ -160,9 +164,9 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
                       dtype=config.dtype, threads=threads, allow_pickle=config.allow_pickle, seed=config.seed,
                       decode=config.decode, env=env)
     engine_methods = [m for m in config.methods if m != "hf"]
-    jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed), engine_methods,
+    jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed, config.questions), engine_methods,
                      config.repeat, config.decode_tokens, list(config.breakdown), dims, config.layout,
-                     config.auto_exact)
+                     config.auto_exact, config.questions)
             for length in config.lengths]
     engine_runs: list[list[list[HostRun]]] = []
     if engine_methods:
@@ -191,7 +195,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     cfg = {"lengths": config.lengths, "hosts": config.hosts, "methods": config.methods,
            "preset": config.preset, "model": config.model, "repeat": config.repeat,
            "decode_tokens": config.decode_tokens, "decode": config.decode, "layout": config.layout,
-           "auto_exact": config.auto_exact,
+           "auto_exact": config.auto_exact, "questions": config.questions,
            "seed": config.seed, "query_len": QUERY_LEN,
            "dims": dims.__dict__}
     return BenchReport(cfg, _machine(config.device, config.hosts), rows, logits, generated)
@@ -232,7 +236,8 @@ def bench_hf(config: BenchConfig, jobs: list[BenchJob], emit: Callable[[Event], 
                 else:
                     run.prefill_s.append(seconds)
                     run.host_prefill_s.append(seconds)
-            run.logits, run.generated, _, run.token_s = timed_generate(model, job.tokens, job.decode_tokens)
+            run.logits, run.generated, _, run.token_s = timed_generate(model, job.tokens[: job.length + QUERY_LEN],
+                                                                         job.decode_tokens)
             run.generated = run.generated[: job.decode_tokens]
             if device.type == "cuda":
                 run.peak_bytes = int(torch.cuda.max_memory_allocated(device))

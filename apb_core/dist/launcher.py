@@ -42,7 +42,8 @@ def default_start_method(device: str) -> str:
 
 
 class Workers:
-    """H worker processes (`worker_main`) that keep their model loaded across jobs. Use as a context manager."""
+    """H worker processes (`worker_main`) that keep their model loaded across jobs. Use as a context manager;
+    `start()` first lets the caller work (read and tokenize the document) while the workers import and load."""
 
     name = "apb-worker"
 
@@ -55,8 +56,13 @@ class Workers:
         self.ctx = mp.get_context(method)
         self.procs: list[mp.process.BaseProcess] = []
         self.load_s: list[float] = [0.0] * hosts
+        self.ready = False
 
-    def __enter__(self) -> Workers:
+    def start(self) -> Workers:
+        """Start the processes and return at once (idempotent); `__enter__` or `run` waits until they are ready.
+        A caller that starts them and then fails must call `__exit__` (or `stop`)."""
+        if self.procs:
+            return self
         self.events = self.ctx.Queue()
         self.jobs = [self.ctx.Queue() for _ in range(self.hosts)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -68,16 +74,30 @@ class Workers:
                 )
                 p.start()
                 self.procs.append(p)
-            ready = self._collect("ready")
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
-        for rank, load_s in ready.items():
-            self.load_s[rank] = load_s
         return self
+
+    def __enter__(self) -> Workers:
+        self.start()
+        try:  # a failure or Ctrl-C while loading must not leave workers behind: `with` calls no __exit__ here
+            self.wait_ready()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its model (once)."""
+        if not self.ready:
+            for rank, load_s in self._collect("ready").items():
+                self.load_s[rank] = load_s
+            self.ready = True
 
     def run(self, job) -> list:
         """Send one job to every worker; returns their results in rank order."""
+        self.wait_ready()
         for q in self.jobs:
             q.put(job)
         results = self._collect("result")
@@ -237,8 +257,15 @@ class InlineHost:
         self.spec = spec
         self.on_event = (on_event or (lambda e: None)) if self.rank == 0 else (lambda e: None)
         self.load_s = [0.0]
+        self.host = None
+
+    def start(self) -> InlineHost:
+        """Nothing to start ahead: the host loads in this process, in `__enter__` (the same interface as Workers)."""
+        return self
 
     def __enter__(self) -> InlineHost:
+        if self.host is not None:
+            return self
         device = device_for(self.spec, self.local_rank)
         init_group(self.rank, self.hosts, device, "env://", self.spec.env.collective_timeout_s)
         try:

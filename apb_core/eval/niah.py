@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apb_core.eval import haystack
-from apb_core.eval.sample import Distinct, Sample, needle_depth, random_uuid, sized_sample, task_rng
+from apb_core.eval.sample import Distinct, Question, Sample, needle_depth, random_uuid, sized_sample, task_rng
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,23 @@ def niah_sample(spec: NiahSpec, task: str, tokenizer: Any, target_tokens: int, s
 
     intro = (f"Some special magic {kind}s are hidden in the text below. Read it carefully and remember them; "
              f"you will be asked about them afterwards.")
+
+    def one_key(key: str) -> tuple[str, str]:
+        return (f"What is the special magic {kind} for {key} mentioned in the provided text?",
+                f"The special magic {kind} for {key} mentioned in the provided text is")
+
     if len(answers) == 1:
-        question = f"What is the special magic {kind} for {asked[0]} mentioned in the provided text?"
-        prefix = f"The special magic {kind} for {asked[0]} mentioned in the provided text is"
+        question, prefix = one_key(asked[0])
     else:
         names = asked[0] if len(asked) == 1 else ", ".join(asked[:-1]) + " and " + asked[-1]
         question = f"What are all the special magic {kind}s for {names} mentioned in the provided text?"
         prefix = f"The special magic {kind}s for {names} mentioned in the provided text are"
-    return sized_sample(task, tokenizer, target_tokens, seed, index,
-                        render=lambda n: intro + "\n\n" + hay.render(n, needles), question=question,
-                        answers=answers, metric="string_match_all", max_new_tokens=spec.max_new_tokens,
-                        answer_prefix=prefix, depth=depth)
+    sample = sized_sample(task, tokenizer, target_tokens, seed, index,
+                          render=lambda n: intro + "\n\n" + hay.render(n, needles), question=question,
+                          answers=answers, metric="string_match_all", max_new_tokens=spec.max_new_tokens,
+                          answer_prefix=prefix, depth=depth)
+    if spec.keys > 1 and spec.values == 1:  # every key's needle is in the document: each key is a question
+        for key, value in pairs:
+            key_question, key_prefix = one_key(key)
+            sample.questions.append(Question(key_question, [value], key_prefix))
+    return sample

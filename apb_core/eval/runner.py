@@ -19,6 +19,11 @@ Why it is shaped this way:
   remain the fixed references an ablation is compared against.
 - Rows are appended to the JSONL file and flushed as they are produced: a long CPU run that is stopped keeps
   every finished sample.
+- `split_questions` (`apb eval --split-questions`): documents that hold several keys (SPLIT_TASKS) are asked
+  one question per key, all about the one document, and each answer is scored on its own key. Every method
+  answers them with one prefill each; `apb` answers them a second time over one shared prefill (every question
+  in the anchor and the probe), in rows labelled `apb+shared`: the measure of what sharing the prefill costs.
+  Exact layouts need no such row: shared and separate prefills give them the same tokens (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ from typing import IO, Any
 from apb_core.algorithm.methods import METHODS
 from apb_core.api import AskRequest, AskResult
 from apb_core.errors import InputError
+from apb_core.eval.niah import NIAH_SPECS
 from apb_core.eval.scoring import score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
 
 DEFAULT_METHODS = ("full", "star", "apb")  # full first: its answers are the reference of the others
 ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact")
+SPLIT_TASKS = tuple(name for name, spec in NIAH_SPECS.items() if spec.keys > 1 and spec.values == 1)
+SHARED = "+shared"  # the label suffix of answers given over one shared prefill (split_questions)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(TASKS),
     "ruler": RULER_TASKS,
@@ -68,6 +76,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     threads: int | None = None
     ablation: dict[str, Any] = field(default_factory=dict)
+    split_questions: bool = False  # one question per key of SPLIT_TASKS' documents, apb also over one prefill
 
     def check(self) -> None:
         """Raise InputError naming the first bad field (the CLI validates first; this guards library use)."""
@@ -86,6 +95,9 @@ class EvalConfig:
             raise InputError(f"hosts must be at least 1 (got {self.hosts})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.split_questions and any(t not in SPLIT_TASKS for t in self.tasks):
+            raise InputError(f"--split-questions needs tasks whose documents hold several keys: "
+                             f"{', '.join(SPLIT_TASKS)}")
         unknown = set(self.ablation) - set(ABLATION_KEYS)
         if unknown:
             raise InputError(f"unknown ablation setting(s) {sorted(unknown)}; use {', '.join(ABLATION_KEYS)}")
@@ -189,6 +201,8 @@ def run_eval(
     computed_methods = [m for m in config.methods if m != "full"]
     runs_per_sample = len(computed_methods) * len(config.hosts) + (1 if "full" in config.methods else 0)
     total = len(config.lengths) * len(config.tasks) * config.samples * len(config.hosts) * len(config.methods)
+    if config.split_questions:  # SPLIT_TASKS ask 4 keys; apb answers twice
+        total = total // len(config.methods) * 4 * (len(config.methods) + ("apb" in config.methods))
     done = 0
     asked = 0  # Session.answer's question index (it only labels events and adds set-up time to index 0)
     samples: dict[tuple[int, str, int], Sample] = {}
@@ -215,15 +229,21 @@ def run_eval(
                     for method in methods:
                         settings = replace(request, method=method, max_new_tokens=_new_tokens(config, sample),
                                            **(config.ablation if method == "apb" else {}))
-                        result = session.answer(sample.document, sample.question, asked,
-                                                answer_prefix=sample.answer_prefix, settings=settings)
-                        asked += 1
-                        points = score(sample, result.answer)
-                        row = _row(sample, result, method, hosts, points, length, None, config.ablation)
-                        new = [row]
-                        if method == "full":
-                            full_rows[(length, task, index)] = row
-                            new += [dict(row, hosts=h, reused_from_hosts=hosts) for h in config.hosts[1:]]
+                        if config.split_questions:
+                            scored = _ask_split(session, sample, settings, method, hosts, length, asked, config)
+                            asked += len(scored)
+                        else:
+                            result = session.answer(sample.document, sample.question, asked,
+                                                    answer_prefix=sample.answer_prefix, settings=settings)
+                            asked += 1
+                            points = score(sample, result.answer)
+                            scored = [_row(sample, result, method, hosts, points, length, None, config.ablation)]
+                        new = []
+                        for row in scored:
+                            new.append(row)
+                            if method == "full":
+                                full_rows[(length, task, index)] = row
+                                new += [dict(row, hosts=h, reused_from_hosts=hosts) for h in config.hosts[1:]]
                         for r in new:
                             rows.append(r)
                             if sink is not None:
@@ -249,6 +269,28 @@ def run_eval(
         config=asdict(config) | {"runs_per_sample": runs_per_sample},
         cells=cells, averages=averages, notes=notes, rows=len(rows), wall_s=time.perf_counter() - t_start,
     )
+
+
+def _ask_split(session, sample: Sample, settings: AskRequest, method: str, hosts: int, length: int, asked: int,
+               config: EvalConfig) -> list[dict[str, Any]]:
+    """Rows of `sample`'s per-key questions under `method`: one prefill each, and for apb also all over one
+    shared prefill (labelled method + SHARED)."""
+    rows = []
+    for shared in (False, True) if method == "apb" else (False,):
+        questions = sample.questions
+        results = session.answer_all(sample.document, [q.question for q in questions], asked,
+                                     [q.answer_prefix for q in questions],
+                                     settings=replace(settings, shared_prefill=shared))
+        asked += len(results)
+        for j, (question, result) in enumerate(zip(questions, results, strict=True)):
+            points = score(replace(sample, answers=question.answers), result.answer)
+            row = _row(sample, result, method + (SHARED if shared else ""), hosts, points, length, None,
+                       config.ablation)
+            row.update(question=j, asked=question.question, expected=question.answers,
+                       answer_prefix=question.answer_prefix, shared_prefill=result.shared_prefill,
+                       ablation=config.ablation if method == "apb" else {})
+            rows.append(row)
+    return rows
 
 
 def _generate(task: str, tokenizer: Any, length: int, seed: int, index: int) -> Sample:

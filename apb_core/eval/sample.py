@@ -17,7 +17,7 @@ import math
 import random
 import uuid
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,15 @@ _MAX_UNITS = 10_000_000
 
 
 @dataclass
+class Question:
+    """One of several questions about a sample's document (`apb eval --split-questions`), scored on its own."""
+
+    question: str
+    answers: list[str]
+    answer_prefix: str = ""
+
+
+@dataclass
 class Sample:
     """One generated task instance.
 
@@ -35,7 +44,9 @@ class Sample:
     assistant turn with `answer_prefix`, generates up to `max_new_tokens`, and `scoring.score(sample, text)`
     compares the generated text with `answers` using `metric`. `target_tokens` is what was asked for,
     `actual_tokens` the measured prompt size (see the module docstring); `depth` is where the first asked
-    needle sits in the haystack (0 = start, 1 = end), None for tasks without one.
+    needle sits in the haystack (0 = start, 1 = end), None for tasks without one. `questions`: for documents
+    that hold several keys (niah_multikey_1, niah_multiquery), one question per key, each with its own answers
+    (`apb eval --split-questions` asks them together about the one document).
     """
 
     task: str
@@ -50,6 +61,7 @@ class Sample:
     target_tokens: int = 0
     actual_tokens: int = 0
     depth: float | None = None
+    questions: list[Question] = field(default_factory=list)
 
     @property
     def user_message(self) -> str:
