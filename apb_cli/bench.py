@@ -74,6 +74,9 @@ def bench(
     questions: Annotated[
         int, typer.Option("--questions", help="Questions answered over each prefill (answer_s counts them all).")
     ] = 1,
+    cite: Annotated[
+        bool, typer.Option("--cite", help="Decode as `apb ask --cite` does (collects the attention for citations).")
+    ] = False,
 ) -> None:
     """Time prefill (and decode) of single-GPU, ring, Ulysses, Star and APB on one random prompt."""
 
@@ -83,7 +86,7 @@ def bench(
             model=model, repeat=repeat, device=device, json_output=json_output, plot=plot,
             decode_tokens=decode_tokens, breakdown=parse_breakdown(breakdown), seed=seed, threads=threads,
             dtype=dtype.strip().lower(), quiet=quiet, decode=decode.strip().lower(), layout=layout.strip().lower(),
-            auto_exact=auto_exact, questions=questions,
+            auto_exact=auto_exact, questions=questions, cite=cite,
         ))
 
     code = handler.run_command(body)

@@ -76,12 +76,17 @@ def host_notes(device: str, hosts_given: int | None, hosts: int, method: str = "
 
 
 def cuda_count() -> int:
-    """How many CUDA GPUs torch sees (0 without a CUDA build). Imports torch, so it is called only when needed."""
+    """How many CUDA GPUs torch sees (0 without a CUDA build). Imports torch, so it is called only when needed.
+
+    Counted through NVML, without initialising CUDA in this process: the workers are forked from it, and a
+    CUDA driver initialised before a fork does not work in the children (`torch.cuda.is_available()` would
+    initialise it; with PYTORCH_NVML_BASED_CUDA_CHECK=1, set here for whatever else asks, it asks NVML too)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
     except ImportError:
         return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()
 
 
 def resolve_device_hosts(device: str, hosts: int | None, cuda_count: Callable[[], int]) -> tuple[str, int]:
@@ -274,6 +279,7 @@ class BenchOptions:
     layout: str = "balanced"
     auto_exact: bool = False
     questions: int = 1
+    cite: bool = False
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -315,7 +321,7 @@ class BenchOptions:
                            decode_tokens=self.decode_tokens, breakdown=list(self.breakdown), seed=self.seed,
                            threads=self.threads, dtype=None if self.dtype == "auto" else self.dtype,
                            decode=self.decode, layout=self.layout, auto_exact=self.auto_exact,
-                           questions=self.questions)
+                           questions=self.questions, cite=self.cite)
 
 
 def parse_breakdown(text: str) -> tuple[str, ...]:

@@ -44,6 +44,8 @@ class AskRequest:
     # prefill does not read the question (exact layouts, star: the answers are the same), and for APB's
     # query-aware prefill apb_core.ask.APB_SHARED_DEFAULT
     shared_prefill: bool | None = None
+    cite: bool = False  # collect the answer's attention over the document and return citations (AskResult)
+    paged: bool = False  # the document is a PDF's text (`--- page N ---` lines): citations name pages
 
 
 @dataclass
@@ -70,6 +72,19 @@ class HostStats:
     anchor_tokens: int
     passing_tokens: int  # tokens received in the passing block (per KV head), summed over layers' width
     prefill_s: float
+
+
+@dataclass
+class Citation:
+    """A passage the answer attended to (`--cite`; apb_core.citations): lines line_start..line_end (1-based) of
+    the document, on `page` for a PDF (None for text), its whitespace-collapsed text, and its share of the
+    answer's attention mass on the document (0..1)."""
+
+    line_start: int
+    line_end: int
+    text: str
+    score: float
+    page: int | None = None
 
 
 @dataclass
@@ -101,3 +116,4 @@ class AskResult:
     layout: str = "equal"  # what cut the blocks: balanced (equal FLOPs per host) or equal (equal token counts)
     prefill: int = 0  # which prefill of the run served this answer (0, 1, ...: several answers may share one)
     shared_prefill: bool = False  # that prefill served several questions
+    citations: list[Citation] | None = None  # --cite: best first (None: not asked, or offsets unavailable)

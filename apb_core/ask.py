@@ -5,12 +5,14 @@ the layout allows (AskRequest.shared_prefill) with one prefill for all of them."
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
 from apb_core.algorithm.flops import ModelDims
 from apb_core.algorithm.methods import MethodConfig, resolve_method
 from apb_core.api import AskRequest, AskResult, Event, HostStats
+from apb_core.citations import cite
 from apb_core.dist.env import read_env
 from apb_core.dist.launcher import start_hosts
 from apb_core.dist.worker import WorkerSpec
@@ -45,28 +47,36 @@ class Session:
         self.source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
         # a GGUF's first run converts it (~20 s), timed apart from tokenizing and announced as its own phase
         self.convert_s = models.prepare(self.source, lambda text: self.emit(Event("phase", phase="convert", text=text)))
-        self.emit(Event("phase", phase="tokenize"))
-        t0 = time.perf_counter()
-        self.tokenizer = models.load_tokenizer(self.source)
-        config = models.load_config(self.source)
-        self.window = models.model_window(config)
-        self.dims = ModelDims.from_config(config)
-        self.eos = _eos_ids(self.tokenizer)
-        self.setup_s = time.perf_counter() - t0
         spec = WorkerSpec(
             model=request.model, device=request.device, dtype=request.dtype,
             threads=request.threads or (default_threads(self.hosts) if request.device == "cpu" else None),
             allow_pickle=request.allow_pickle, retaining_heads=request.retaining_heads, env=env,
         )
-        self.runner = start_hosts(spec, self.hosts, self.emit)
+        # The workers start now and load their models while this process reads the tokenizer and tokenizes:
+        # on the GPU machine each side took 10-18 s of imports and loading, one after the other (docs/benchmarks.md).
+        import transformers  # noqa: F401  (imported before a fork, the workers inherit it instead of importing it)
+
+        self.emit(Event("phase", phase="load"))
+        self.runner = start_hosts(spec, self.hosts, self.emit).start()
+        try:
+            self.emit(Event("phase", phase="tokenize"))
+            t0 = time.perf_counter()
+            self.tokenizer = models.load_tokenizer(self.source)
+            config = models.load_config(self.source)
+            self.window = models.model_window(config)
+            self.dims = ModelDims.from_config(config)
+            self.eos = _eos_ids(self.tokenizer)
+            self.setup_s = time.perf_counter() - t0
+        except BaseException:
+            self.runner.__exit__(*sys.exc_info())
+            raise
         self.load_s = 0.0
         self.prefills = 0  # prefills run so far (AskResult.prefill numbers them)
 
     def __enter__(self) -> Session:
-        self.emit(Event("phase", phase="load"))
-        t0 = time.perf_counter()
+        """Wait for the hosts; `load_s` is the slowest host's own load time (it overlaps tokenizing)."""
         self.runner.__enter__()
-        self.load_s = time.perf_counter() - t0
+        self.load_s = max(self.runner.load_s)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,7 +121,8 @@ class Session:
             self.emit(Event("phase", phase="prefill", question=index + group[0]))
             job = AskJob(shared_prompt([prompts[i] for i in group]), method, req.max_new_tokens, req.temperature,
                          req.top_p, req.seed, list(req.stop), self.eos, index=index + group[0],
-                         query_parts=[prompts[i].query_ids for i in group] if len(group) > 1 else [])
+                         query_parts=[prompts[i].query_ids for i in group] if len(group) > 1 else [],
+                         cite=req.cite)
             per_host = self.runner.run(job)  # [host][question]
             for j, i in enumerate(group):
                 lead = per_host[0][j]
@@ -126,13 +137,16 @@ class Session:
                     "query_s": lead.query_s, "decode_s": lead.decode_s, "total_s": total,
                 }
                 results.append(self._result(req, questions[i], prompts[i], method, timings,
-                                            [h[j] for h in per_host], len(group) > 1))
+                                            [h[j] for h in per_host], len(group) > 1, document))
             self.prefills += 1
         return results
 
     def _result(self, req: AskRequest, question: str, prompt, method: MethodConfig, timings: dict[str, float],
-                per_host: list, shared: bool) -> AskResult:
+                per_host: list, shared: bool, document: str = "") -> AskResult:
         lead = per_host[0]
+        citations = None
+        if req.cite and lead.context_mass is not None:
+            citations = cite(self.tokenizer, document, prompt, lead.context_mass, req.paged)
         return AskResult(
             question=question, answer=lead.answer.strip(), model=self.source.name, method=method.name,
             hosts=self.hosts, device=self.request.device, prompt_tokens=prompt.total_len,
@@ -147,7 +161,7 @@ class Session:
             auto_exact=method.auto_exact,
             layout=method.layout,
             method_requested=req.method, finish_reason=lead.finish_reason, dropped_tokens=prompt.dropped_tokens,
-            prefill=self.prefills, shared_prefill=shared,
+            prefill=self.prefills, shared_prefill=shared, citations=citations,
         )
 
 

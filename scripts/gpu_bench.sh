@@ -62,8 +62,37 @@ decode)
     echo "bench 128k exit $?"
     tail -n 40 "$OUT/bench_128k.log"
     ;;
+answer)
+    # the answer-time issue's table: every method at 128K, balanced layout (the default), decode in CUDA graphs
+    timeout 560 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 128k --hosts 2 \
+        --methods hf,single,ring,ulysses,full,star,apb --repeat 2 --decode-tokens 128 --breakdown apb --json \
+        > "$OUT/answer_128k.json" 2> "$OUT/answer_128k.log"
+    echo "bench 128k exit $?"
+    tail -n 60 "$OUT/answer_128k.log" | grep -v "^[┏┡└]"
+    ;;
+startup)
+    # wall time of `apb ask` outside prefill and decode: a tiny model with the embedded tokenizer (carried in
+    # .gpu/tiny-smol-vocab), 2 GPUs, three runs in a row (the first pays the cold imports)
+    for i in 1 2 3; do
+        t0=$(date +%s.%N)
+        timeout 120 $PY -m apb_cli.main ask examples/sample.md "What is the secret passcode for the north archive?" \
+            --model .gpu/tiny-smol-vocab --device cuda --hosts 2 --json --max-new-tokens 16 \
+            > "$OUT/startup_$i.json" 2> "$OUT/startup_$i.log"
+        code=$?
+        t1=$(date +%s.%N)
+        echo "ask run $i exit $code wall $($PY -c "print(round($t1 - $t0, 2))") s"
+        $PY -c "import json,sys; d=json.load(open('$OUT/startup_$i.json')); print(' ', {k: round(v, 2) for k, v in d['timings'].items()})" 2>/dev/null
+    done
+    ;;
+questions)
+    timeout 400 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 128k --hosts 2 \
+        --methods single,apb --repeat 1 --decode-tokens 128 --breakdown none --questions 4 --json \
+        > "$OUT/questions_128k.json" 2> "$OUT/questions_128k.log"
+    echo "bench questions exit $?"
+    tail -n 30 "$OUT/questions_128k.log" | grep -v "^[┏┡└]"
+    ;;
 *)
-    echo "usage: scripts/gpu_bench.sh kernels|x2|smoke|decode" >&2
+    echo "usage: scripts/gpu_bench.sh kernels|x2|smoke|decode|answer|startup|questions" >&2
     exit 2
     ;;
 esac

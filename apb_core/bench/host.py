@@ -23,6 +23,7 @@ from apb_core.algorithm.methods import PassingSpec, resolve_method
 from apb_core.api import Event
 from apb_core.baselines.ring import ring_pairs, ring_prefill, zigzag_plans
 from apb_core.baselines.ulysses import block_plans, ulysses_pairs, ulysses_prefill
+from apb_core.runtime.attention_mass import cite_layers
 from apb_core.runtime.engine import HostEngine
 from apb_core.runtime.generate import decode
 from apb_core.runtime.prefill import Strategy, apb_prefill
@@ -48,6 +49,7 @@ class BenchJob:
     layout: str = "balanced"
     auto_exact: bool = False  # apb as `apb ask` runs it: exact where that costs about as much (methods.py)
     questions: int = 1  # questions answered in turn over each prefill (apb: all of them in anchor and probe)
+    cite: bool = False  # decode collects the attention mass for citations, as `apb ask --cite`
 
     @property
     def context_len(self) -> int:
@@ -190,10 +192,15 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
         run.pairs = _pairs(method, setup, call.passing_received, job.dims)
         run.anchor_len, run.passing_len, run.auto_exact = setup.anchor_len, setup.passing_len, setup.auto_exact
         run.passing_received, run.block_len = call.passing_received, plan.block_len
+        if job.cite:
+            target.collect_mass(cite_layers(target.layers))
         for i, question in enumerate(job.prompts()):  # every question over the one prefill, the first reported
             target.rewind()
+            if target.mass is not None:
+                target.mass.reset()
             decoded = decode(target, question.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
                              lambda logits: int(logits.argmax()))
+            target.gather_mass()  # as ask does after each answer (not in token_s)
             run.question_query_s.append(decoded.query_s)
             run.token_s += decoded.token_s
             if i == 0:

@@ -89,6 +89,7 @@ class BenchConfig:
     layout: str = "balanced"  # apb_core.algorithm.methods.LAYOUTS (full, star, apb)
     auto_exact: bool = False  # time what `apb ask --method apb` would run (exact where about as cheap)
     questions: int = 1  # questions answered over each prefill (`apb ask -q A -q B ...`)
+    cite: bool = False  # decode collects the attention mass for citations (`apb ask --cite`)
 
 
 @dataclass
@@ -166,7 +167,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     engine_methods = [m for m in config.methods if m != "hf"]
     jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed, config.questions), engine_methods,
                      config.repeat, config.decode_tokens, list(config.breakdown), dims, config.layout,
-                     config.auto_exact, config.questions)
+                     config.auto_exact, config.questions, config.cite)
             for length in config.lengths]
     engine_runs: list[list[list[HostRun]]] = []
     if engine_methods:
@@ -195,7 +196,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     cfg = {"lengths": config.lengths, "hosts": config.hosts, "methods": config.methods,
            "preset": config.preset, "model": config.model, "repeat": config.repeat,
            "decode_tokens": config.decode_tokens, "decode": config.decode, "layout": config.layout,
-           "auto_exact": config.auto_exact, "questions": config.questions,
+           "auto_exact": config.auto_exact, "questions": config.questions, "cite": config.cite,
            "seed": config.seed, "query_len": QUERY_LEN,
            "dims": dims.__dict__}
     return BenchReport(cfg, _machine(config.device, config.hosts), rows, logits, generated)

@@ -24,6 +24,7 @@ from apb_core.algorithm.compressor import Compressor, RetainingHeads
 from apb_core.algorithm.layout import HostPlan
 from apb_core.algorithm.methods import PassingSpec
 from apb_core.algorithm.passing import all_gather_packed
+from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
 from apb_core.runtime.prefill import PrefillCall, Strategy, apb_prefill
 from apb_core.runtime.static_decode import StaticDecoder
@@ -78,6 +79,7 @@ class DecodeCall:
     hosts: int
     is_last: bool
     group: Any = None
+    mass: AttentionMass | None = None  # --cite: accumulates the attention over the block's keys
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         length = self.cache.length
@@ -93,10 +95,14 @@ class DecodeCall:
             k_old, v_old = self.cache.view(layer, length)
             out, lse = attention_with_lse(q, k_old, v_old, causal=False, scale=scale)
         if self.hosts == 1:
+            if self.mass is not None:
+                self.mass.add(layer, q, self.cache.view(layer, self.mass.block_len)[0], lse, scale)
             return out
         packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, Hq, s, D+1]
         gathered = all_gather_packed(packed, self.hosts, self.group)  # [H, B, Hq, s, D+1]
-        merged, _ = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+        merged, lse_all = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+        if self.mass is not None:
+            self.mass.add(layer, q, self.cache.view(layer, self.mass.block_len)[0], lse_all, scale)
         return merged.to(q.dtype)
 
 
@@ -128,6 +134,7 @@ class HostEngine:
             decode = "graph" if self.device.type == "cuda" else "eager"
         self.decode_mode = decode
         self._decoder: StaticDecoder | None = None  # built at the first token after a prefill
+        self.mass: AttentionMass | None = None  # --cite: set after a prefill by collect_mass
         use_apb_attention(model)
 
     @property
@@ -151,6 +158,7 @@ class HostEngine:
         """
         capacity = plan.block_len + (reserve if self.is_last else 0)
         self._decoder = None  # its graph and buffers belong to the old cache
+        self.mass = None
         if self.cache is None or self.cache.capacity < capacity:
             self.cache = None  # free the old buffers before the new ones are allocated
             self.cache = HostCache(self.layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
@@ -177,6 +185,17 @@ class HostEngine:
         if self.cache is not None:
             self.cache.length = self.context_len
 
+    def collect_mass(self, layers: tuple[int, ...]) -> None:
+        """From now until the next prefill, every decode step adds its attention over the block's keys in
+        `layers` to `self.mass` (apb_core.runtime.attention_mass); reset it before each question."""
+        self.mass = AttentionMass(self.context_len, layers, self.device)
+        self._decoder = None  # a captured step must include the accumulation
+
+    def gather_mass(self) -> torch.Tensor | None:
+        """Every host's accumulated mass, concatenated in rank order, [context tokens] on CPU (a collective:
+        every host calls it); None when collect_mass was not called."""
+        return None if self.mass is None else self.mass.gather(self.hosts, self.group)
+
     def _block_rope(self, plan: HostPlan, pos: torch.Tensor, passing: PassingSpec):
         """RoPE cos/sin [B, n, D] of the block's positions: the retaining heads read pre-RoPE q and k."""
         if self.heads is None or passing.exact or passing.scorer != "retaining_heads":
@@ -189,7 +208,7 @@ class HostEngine:
         """Query phase / decode: run `ids` at positions start_pos.. on every host; returns last-token logits [V]."""
         t = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(start_pos, start_pos + len(ids), device=self.device).unsqueeze(0)
-        logits = self.forward_logits(t, pos, DecodeCall(self.cache, self.hosts, self.is_last, self.group))
+        logits = self.forward_logits(t, pos, DecodeCall(self.cache, self.hosts, self.is_last, self.group, self.mass))
         if self.is_last:
             self.cache.length += len(ids)
         return logits

@@ -17,6 +17,7 @@ from apb_core.algorithm.layout import HostPlan, plan_hosts
 from apb_core.algorithm.methods import MethodConfig
 from apb_core.api import Event
 from apb_core.dist.faults import NO_FAULTS, Faults
+from apb_core.runtime.attention_mass import cite_layers
 from apb_core.runtime.engine import HostEngine
 from apb_core.runtime.prompt import Prompt
 from apb_core.runtime.sampling import StopText, sample_next
@@ -104,6 +105,7 @@ class AskJob:
     index: int = 0
     stream: bool = True
     query_parts: list[list[int]] = field(default_factory=list)
+    cite: bool = False  # collect the decode's attention over the context (JobResult.context_mass on rank 0)
 
     @property
     def context_len(self) -> int:
@@ -133,6 +135,8 @@ class JobResult:
     finish_reason: str = "length"
     first_logits: torch.Tensor | None = None  # logits after the query phase (tests compare them)
     query_s: float = 0.0  # the query phase alone (part of decode_s)
+    # --cite, rank 0: the answer's attention mass per context token [context_len] (runtime.attention_mass)
+    context_mass: torch.Tensor | None = None
 
 
 def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
@@ -161,6 +165,8 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
                           reserve=max(map(len, queries)) + job.max_new_tokens + 1, on_layer=on_layer)
     sync(engine.device)
     host_prefill = time.perf_counter() - t0
+    if job.cite:
+        engine.collect_mass(cite_layers(engine.layers))
     barrier(engine.device, engine.hosts, engine.group)
     t1 = time.perf_counter()
     results = []
@@ -181,6 +187,8 @@ def _answer(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, t
     sync(engine.device)
     t1 = time.perf_counter()
     generator = torch.Generator().manual_seed(job.seed)  # every question samples as if it were asked alone
+    if engine.mass is not None:
+        engine.mass.reset()
     stop = StopText(job.stop)
 
     def on_token(tokens: list[int]) -> bool:
@@ -197,6 +205,7 @@ def _answer(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, t
                      on_token, job.eos_ids, faults)
     sync(engine.device)
     decode_s = time.perf_counter() - t1
+    mass = engine.gather_mass()  # after the answer: one collective, outside decode_s
     tail = stop.flush()
     if rank == 0 and job.stream and tail:
         emit(Event("token", rank=0, text=tail, question=index))
@@ -204,4 +213,5 @@ def _answer(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, t
         answer=stop.text, token_ids=decoded.tokens, prefill_s=0.0, decode_s=decode_s, host_prefill_s=0.0,
         block_tokens=0, anchor_tokens=0, passing_tokens=0, finish_reason=decoded.finish_reason,
         first_logits=decoded.first_logits, query_s=decoded.query_s,
+        context_mass=mass if rank == 0 else None,
     )

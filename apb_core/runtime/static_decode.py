@@ -22,6 +22,7 @@ import torch
 
 from apb_core.algorithm.attention import merge_partials
 from apb_core.algorithm.passing import all_gather_packed
+from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
 from kernels import DecodeAttention
 
@@ -41,6 +42,7 @@ class StaticDecodeCall:
     group: Any
     length: torch.Tensor
     attention: DecodeAttention
+    mass: AttentionMass | None = None  # --cite: the block slots are a fixed slice of the cache (static shapes)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # [B, Hkv, capacity, D]
@@ -51,10 +53,14 @@ class StaticDecodeCall:
             used = used + 1
         out, lse = self.attention(q, k_cache, v_cache, used.to(torch.int32), scale)
         if self.hosts == 1:
+            if self.mass is not None:
+                self.mass.add(layer, q, k_cache[:, :, : self.mass.block_len], lse, scale)
             return out
         packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, Hq, 1, D+1]
         gathered = all_gather_packed(packed, self.hosts, self.group)  # [H, B, Hq, 1, D+1]
-        merged, _ = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+        merged, lse_all = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+        if self.mass is not None:
+            self.mass.add(layer, q, k_cache[:, :, : self.mass.block_len], lse_all, scale)
         return merged.to(q.dtype)
 
 
@@ -71,7 +77,8 @@ class StaticDecoder:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.length = torch.tensor(self.cache.length, dtype=torch.long, device=device)
         attention = DecodeAttention(device, engine.dtype, engine.head_dim, self.cache.capacity)
-        self.call = StaticDecodeCall(self.cache, engine.hosts, engine.is_last, engine.group, self.length, attention)
+        self.call = StaticDecodeCall(self.cache, engine.hosts, engine.is_last, engine.group, self.length, attention,
+                                     engine.mass)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if graph:
@@ -81,6 +88,8 @@ class StaticDecoder:
         return self.engine.forward_logits(self.ids, self.pos, self.call)
 
     def _capture(self) -> None:
+        mass = self.call.mass
+        kept = mass.mass.clone() if mass is not None else None  # the query phase's row, before warm-up adds to it
         side = torch.cuda.Stream(self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):
@@ -90,6 +99,8 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
+        if kept is not None:
+            mass.mass.copy_(kept)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Run `token` at position `pos` on this host; returns the last-token logits [V] fp32 (a buffer that the
