@@ -90,6 +90,32 @@ def ask(
                           "each. Default: one for all (exact layouts and star give the same answers either way).",
                      show_default=False),
     ] = None,
+    cite: Annotated[
+        bool, typer.Option("--cite", help="After the answer, the passages it attended to most (page or lines).")
+    ] = False,
+    compressor: Annotated[
+        str | None,
+        typer.Option("--compressor", help="apb: query_aware (default) | retaining_heads (needs --retaining-heads) "
+                                          "| random. A non-default one always runs compressed (no auto-exact).",
+                     show_default=False),
+    ] = None,
+    retaining_heads: Annotated[
+        str | None,
+        typer.Option("--retaining-heads", help="Safetensors file of Locret-style retaining heads for the model "
+                                               "(implies --compressor retaining_heads).", show_default=False),
+    ] = None,
+    question_in_anchor: Annotated[
+        bool,
+        typer.Option("--question-in-anchor/--no-question-in-anchor",
+                     help="apb: the question in the anchor (off: an ablation, always run compressed)."),
+    ] = True,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Send the questions to a running `apb serve` at this URL.",
+                                 show_default=False),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="--server: the server's key.", show_default=False)
+    ] = None,
 ) -> None:
     """Answer QUESTION about the document at PATH."""
     follower = is_torchrun_follower()  # rank 0 reports; the others compute and stay silent (errors still print)
@@ -101,8 +127,9 @@ def ask(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or []),
             truncate=truncate, json_output=json_output and not follower, quiet=quiet or follower,
             allow_pickle=allow_pickle, threads=threads, dtype=dtype, auto_exact=auto_exact, layout=layout,
-            system=system, shared_prefill=shared_prefill,
-        ))
+            system=system, shared_prefill=shared_prefill, cite=cite, compressor=compressor,
+            retaining_heads=retaining_heads, question_in_anchor=question_in_anchor,
+        ), server=server, api_key=api_key)
 
     with contextlib.ExitStack() as stack:
         if follower:
@@ -118,15 +145,20 @@ def is_torchrun_follower() -> bool:
     return torchrun is not None and torchrun.rank != 0
 
 
-def run_ask_command(opts: AskOptions) -> int:
+def run_ask_command(opts: AskOptions, server: str | None = None, api_key: str | None = None) -> int:
     """Read the document, resolve the model, run the engine and render; the bars are erased on any failure
     so that the caller's one error line stands alone."""
     renderer = Renderer(questions=list(opts.questions), stream_answers=not opts.json_output, quiet=opts.quiet)
     try:
         request = build_request(opts, renderer)
-        from apb_core.ask import run_ask  # the engine: torch and transformers, only now that input is good
+        if server:  # a running `apb serve` answers (apb_core.serve.client): the same events and results
+            from apb_core.serve.client import remote_ask
 
-        results = run_ask(request, on_event=renderer.handle)
+            results = remote_ask(request, server, renderer.handle, api_key)
+        else:
+            from apb_core.ask import run_ask  # the engine: torch and transformers, only now that input is good
+
+            results = run_ask(request, on_event=renderer.handle)
         if not results:
             raise ApbError("the engine returned no answer")
         renderer.print_unstreamed(results)
@@ -145,6 +177,7 @@ def run_ask_command(opts: AskOptions) -> int:
         payload = json_payload(results, renderer.notes, renderer.warnings)
         sys.stdout.write(json.dumps(payload, ensure_ascii=False, allow_nan=False) + "\n")
         sys.stdout.flush()
+    renderer.print_citations(results)
     renderer.print_tables(results)
     return 0
 
@@ -168,7 +201,9 @@ def build_request(opts: AskOptions, renderer: Renderer) -> AskRequest:
         max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
         stop=list(opts.stop), truncate=opts.truncate, threads=opts.threads, allow_pickle=opts.allow_pickle,
         dtype=None if opts.dtype == "auto" else opts.dtype, auto_exact=opts.auto_exact, layout=opts.layout,
-        system=opts.system, shared_prefill=opts.shared_prefill,
+        system=opts.system, shared_prefill=opts.shared_prefill, cite=opts.cite, paged=document.pages is not None,
+        compressor=opts.compressor or "query_aware", retaining_heads=opts.retaining_heads,
+        question_in_anchor=opts.question_in_anchor,
     )
 
 

@@ -42,7 +42,14 @@ def eval_command(
         typer.Option("--out", help="JSONL file, one row per sample. Default: apb-eval-<time>.jsonl here."),
     ] = None,
     compressor: Annotated[
-        str | None, typer.Option("--compressor", help="apb only: query_aware (default) | random.")
+        str | None,
+        typer.Option("--compressor", help="apb only: query_aware (default) | retaining_heads (needs "
+                                          "--retaining-heads) | random. A non-default one always runs compressed."),
+    ] = None,
+    retaining_heads: Annotated[
+        str | None,
+        typer.Option("--retaining-heads", help="apb only: safetensors file of Locret-style retaining heads "
+                                               "(implies --compressor retaining_heads)."),
     ] = None,
     question_in_anchor: Annotated[
         bool,
@@ -73,6 +80,10 @@ def eval_command(
                      help="niah_multikey_1/niah_multiquery: ask each key as its own question about the document; "
                           "apb answers them with one prefill each and again over one shared prefill (apb+shared)."),
     ] = False,
+    cite: Annotated[
+        bool, typer.Option("--cite", help="Cite sources too; needle tasks record cite_hit (the top citation holds "
+                                          "the needle).")
+    ] = False,
 ) -> None:
     """Score full, Star and APB on synthetic long-context tasks (RULER / InfiniteBench style), offline."""
 
@@ -83,6 +94,7 @@ def eval_command(
             json_output=json_output, out=out, compressor=compressor, question_in_anchor=question_in_anchor,
             auto_exact=auto_exact, anchor_len=anchor_len, passing_len=passing_len, device=device,
             max_new_tokens=max_new_tokens, threads=threads, quiet=quiet, split_questions=split_questions,
+            retaining_heads=retaining_heads, cite=cite,
         ))
 
     code = handler.run_command(body)
@@ -102,7 +114,8 @@ def run_eval_command(opts: EvalOptions) -> int:
     config = EvalConfig(tasks=list(opts.tasks), lengths=list(opts.lengths), samples=opts.samples,
                         methods=list(opts.methods), hosts=list(opts.hosts), model=opts.model, seed=opts.seed,
                         device=opts.device, max_new_tokens=opts.max_new_tokens, threads=opts.threads,
-                        ablation=opts.ablation(), split_questions=opts.split_questions)
+                        ablation=opts.ablation(), split_questions=opts.split_questions,
+                        retaining_heads=opts.retaining_heads, cite=opts.cite)
     console.print(f"[dim]apb eval: {len(opts.tasks)} task(s) x {len(opts.lengths)} length(s) x "
                   f"{opts.samples} sample(s); methods {', '.join(opts.methods)}; hosts "
                   f"{', '.join(map(str, opts.hosts))}; rows -> {opts.out}[/]")
@@ -113,7 +126,8 @@ def run_eval_command(opts: EvalOptions) -> int:
         console.print(
             f"[dim][{done:>4}/{total}][/] {row['length']:>6} {row['task']:<16} #{row['index']:<2} "
             f"{row['method']:<4} H={row['hosts']}  score {row['score']:.2f}  prefill "
-            f"{row['timings'].get('prefill_s', 0.0):6.1f}s  total {row['timings'].get('total_s', 0.0):6.1f}s",
+            f"{row['timings'].get('prefill_s', 0.0):6.1f}s  total {row['timings'].get('total_s', 0.0):6.1f}s"
+            + ("" if row.get("cite_hit") is None else f"  cite_hit {row['cite_hit']:.0f}"),
             markup=True,
         )
 
@@ -172,4 +186,6 @@ def format_cell(cell: dict[str, Any] | None, method: str) -> str:
     text = f"{cell['accuracy']:.1f}"
     if method != "full" and cell["delta_vs_full"] is not None:
         text += f" ({cell['delta_vs_full']:+.1f})"
+    if cell.get("cite_hit") is not None:
+        text += f" [cite {cell['cite_hit']:.0f}]"
     return text

@@ -24,6 +24,7 @@ from apb_cli.ask import ask
 from apb_cli.bench import bench
 from apb_cli.eval import eval_command
 from apb_cli.handler import error_line
+from apb_cli.serve import serve
 
 try:  # typer >= 0.2x vendors click; older releases use the click package
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -254,6 +255,7 @@ app.command(cls=_Command, epilog=ASK_EXAMPLES)(ask)
 app.command(cls=_Command)(info)
 app.command(cls=_Command, epilog=BENCH_EXAMPLES)(bench)
 app.command("eval", cls=_Command, epilog=EVAL_EXAMPLES)(eval_command)
+app.command(cls=_Command)(serve)
 
 if __name__ == "__main__":  # `python -m apb_cli.main` (torchrun launches it this way)
     app()

@@ -33,7 +33,8 @@ DECODE_MODES = ("auto", "eager", "static", "graph")  # apb_core.runtime.engine.D
 # option errors must be fast (tests/test_cli.py checks that the two agree).
 METHODS = ("apb", "star", "full")
 TRUNCATE_MODES = ("none", "middle", "end")
-COMPRESSORS = ("query_aware", "random")  # retaining_heads needs a trained heads file: not an eval option yet
+# apb_core.algorithm.methods.SCORERS, written out (fast option errors); retaining_heads needs --retaining-heads FILE
+COMPRESSORS = ("query_aware", "retaining_heads", "random")
 DEFAULT_PRESET = "llama-3.1-8b"  # bench's model shape on GPUs when neither --preset nor --model is given
 DEFAULT_CPU_PRESET = "smollm2-135m"  # ... and on CPU (the embedded model's shape: an 8B model needs 32 GB per host)
 MAX_HOSTS = 1024  # sanity bounds: a typo like --hosts 1000000 must be one error line, not a fork bomb
@@ -214,6 +215,10 @@ class AskOptions:
     layout: str = "balanced"
     system: str | None = None
     shared_prefill: bool | None = None  # several questions over one prefill (None: apb_core.ask's default)
+    cite: bool = False  # citations after the answer (apb_core.citations)
+    compressor: str | None = None  # apb's passing scorer (None: query_aware); resolve_compressor
+    retaining_heads: str | None = None  # safetensors heads file for --compressor retaining_heads
+    question_in_anchor: bool = True
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -241,8 +246,28 @@ class AskOptions:
         if not 0 <= self.seed < MAX_SEED:
             raise InputError(f"--seed must be in [0, 2^63) (got {self.seed})")
         check_choice("--dtype", self.dtype, DTYPES)
+        compressor = resolve_compressor(self.compressor, self.retaining_heads)
         notes, warnings = host_notes(device, self.hosts, hosts, self.method)
-        _resolve(self, device=device, hosts=hosts, passing_len=passing_len, notes=notes, warnings=warnings)
+        _resolve(self, device=device, hosts=hosts, passing_len=passing_len, notes=notes, warnings=warnings,
+                 compressor=compressor)
+
+
+def resolve_compressor(compressor: str | None, retaining_heads: str | None) -> str | None:
+    """`--compressor` with `--retaining-heads FILE`: the heads file alone means the retaining_heads compressor;
+    retaining_heads without a file, a file with another compressor, or a missing file is an InputError. Returns
+    the compressor (None when neither option was given: the default, query_aware)."""
+    if compressor is not None:
+        check_choice("--compressor", compressor, COMPRESSORS)
+    if retaining_heads is None:
+        if compressor == "retaining_heads":
+            raise InputError("--compressor retaining_heads needs --retaining-heads FILE (a safetensors file of "
+                             "Locret-style heads trained for the model)")
+        return compressor
+    if compressor not in (None, "retaining_heads"):
+        raise InputError(f"--retaining-heads is read only by --compressor retaining_heads (got {compressor})")
+    if not os.path.isfile(retaining_heads):
+        raise InputError(f"--retaining-heads: no such file {retaining_heads}")
+    return "retaining_heads"
 
 
 def check_questions(questions: tuple[str, ...]) -> None:
@@ -354,6 +379,8 @@ class EvalOptions:
     threads: int | None
     quiet: bool
     split_questions: bool = False
+    retaining_heads: str | None = None  # safetensors heads file for --compressor retaining_heads
+    cite: bool = False  # cite sources; needle tasks record cite_hit
 
     def __post_init__(self) -> None:
         check_at_least("--samples", self.samples, 1)
@@ -361,8 +388,7 @@ class EvalOptions:
             given = ",".join(self.methods)
             raise InputError(f"--methods must be a comma list of {', '.join(METHODS)} (got {given!r})")
         check_choice("--device", self.device, DEVICES)
-        if self.compressor is not None:
-            check_choice("--compressor", self.compressor, COMPRESSORS)
+        compressor = resolve_compressor(self.compressor, self.retaining_heads)
         check_not_negative("--anchor-len", self.anchor_len)
         passing_len = parse_passing_len(self.passing_len)
         check_at_least("--max-new-tokens", self.max_new_tokens, 1)
@@ -373,7 +399,7 @@ class EvalOptions:
         if not os.path.isdir(out_dir):
             raise InputError(f"--out: the folder {out_dir} does not exist")
         _resolve(self, lengths=tuple(dict.fromkeys(self.lengths)), methods=tuple(dict.fromkeys(self.methods)),
-                 device=device, out=out, passing_len=passing_len)
+                 device=device, out=out, passing_len=passing_len, compressor=compressor)
 
     def ablation(self) -> dict[str, Any]:
         """The apb-only settings that differ from the defaults, as `EvalConfig.ablation` takes them."""

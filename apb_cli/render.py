@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from apb_core.api import AskResult, Event
+from apb_core.api import AskResult, Citation, Event
 
 # The order phases are shown in the timing table; keys the engine adds beyond these follow in its order.
 TIMING_KEYS = ("convert_s", "load_s", "tokenize_s", "prefill_s", "query_s", "decode_s", "total_s")
@@ -250,6 +250,20 @@ class Renderer:
             self.out.flush()
         self._question = len(results)
 
+    def print_citations(self, results: list[AskResult]) -> None:
+        """`--cite`: each answer's citations on stderr, best first (page for PDFs, else lines; share; excerpt)."""
+        if self.quiet:
+            return
+        self._stop_bars()
+        for index, result in enumerate(results):
+            if result.citations is None:
+                continue
+            title = f"Sources (Q{index + 1})" if len(results) > 1 else "Sources"
+            self.console.print(f"[bold]{title}[/]" + ("" if result.citations else ": none found"))
+            for n, c in enumerate(result.citations, start=1):
+                place = _escape(citation_place(c))
+                self.console.print(f"  {n}. {place} ({100 * c.score:.0f}%): {_escape(_excerpt(c.text))}")
+
     def print_tables(self, results: list[AskResult]) -> None:
         """The timing table (per phase, one column per question) and the per-host table of each question."""
         if self.quiet or not results:
@@ -343,6 +357,7 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "layout": result.layout,
         "prefill": result.prefill,
         "shared_prefill": result.shared_prefill,
+        **({} if result.citations is None else {"citations": [citation_dict(c) for c in result.citations]}),
         "host_stats": [
             {
                 "rank": s.rank,
@@ -354,6 +369,24 @@ def result_dict(result: AskResult) -> dict[str, Any]:
             for s in result.host_stats
         ],
     }
+
+
+def citation_place(citation: Citation) -> str:
+    """"page 3, lines 41-43" (PDF) or "lines 41-43" / "line 41" (text)."""
+    lines = (f"line {citation.line_start}" if citation.line_start == citation.line_end
+             else f"lines {citation.line_start}-{citation.line_end}")
+    return lines if citation.page is None else f"page {citation.page}, {lines}"
+
+
+def citation_dict(citation: Citation) -> dict[str, Any]:
+    """One `citations` entry of the JSON: page (PDFs only), line_start, line_end, text, score."""
+    page = {} if citation.page is None else {"page": citation.page}
+    return page | {"line_start": citation.line_start, "line_end": citation.line_end, "text": citation.text,
+                   "score": citation.score}
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def json_payload(results: list[AskResult], notes: list[str] | tuple[str, ...] = (),

@@ -110,6 +110,8 @@ class AskResult:
     host_stats: list[HostStats] = field(default_factory=list)
     truncated: bool = False
     auto_exact: bool = False  # apb ran the exact layout (anchor 0, passing all): cheaper than compressing here
+    compressor: str = "none"  # the scorer that chose passing tokens (MethodConfig.compressor): none when exact
+    question_in_anchor: bool = False  # the anchor held the question (as ran)
     method_requested: str = ""  # the request's method (`method` is what ran: full on one host, auto-exact, ...)
     finish_reason: str = "stop"  # "stop" (end of sequence), "stop_string" (--stop), "length" (--max-new-tokens)
     dropped_tokens: int = 0  # document tokens cut by --truncate to fit the window

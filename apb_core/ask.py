@@ -158,7 +158,8 @@ class Session:
                 for r, h in enumerate(per_host)
             ],
             truncated=prompt.truncated,
-            auto_exact=method.auto_exact,
+            auto_exact=method.auto_exact, compressor=method.compressor,
+            question_in_anchor=method.question_in_anchor,
             layout=method.layout,
             method_requested=req.method, finish_reason=lead.finish_reason, dropped_tokens=prompt.dropped_tokens,
             prefill=self.prefills, shared_prefill=shared, citations=citations,

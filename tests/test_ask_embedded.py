@@ -70,3 +70,16 @@ def test_truncate_fits_the_window_and_keeps_the_right_part(mode):
     assert prompt.truncated and prompt.total_len + 16 == 8192
     tail = tokenizer.decode(prompt.context_ids[-8:])
     assert ("final sentence" in tail) == (mode == "middle")
+
+
+def test_cite_points_at_the_planted_fact(document):
+    """--cite over two hosts: the top citation is the passage of the planted fact (the document is one line)."""
+    request = AskRequest(document=document, questions=[QUESTION], hosts=2, method="full", max_new_tokens=16,
+                         cite=True)
+    with Session(request) as session:
+        result = session.answer(document, QUESTION)
+    assert "7481" in result.answer
+    top = result.citations[0]
+    assert FACT in top.text and (top.line_start, top.line_end, top.page) == (1, 1, None)
+    assert 0 < top.score <= 1 and len(result.citations) == 3
+    assert [c.score for c in result.citations] == sorted((c.score for c in result.citations), reverse=True)

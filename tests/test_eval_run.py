@@ -27,6 +27,7 @@ ROW_KEYS = {
     "task", "index", "seed", "length", "sample_tokens", "prompt_tokens", "depth", "method", "hosts",
     "reused_from_hosts", "anchor_len", "passing_len", "auto_exact", "ablation", "digest", "metric", "expected",
     "answer_prefix", "answer", "score", "correct", "generated_tokens", "timings", "model", "device",
+    "compressor", "question_in_anchor", "haystack",
 }
 
 
@@ -54,6 +55,9 @@ def test_tiny_real_run_writes_rows_and_summary(tmp_path: Path) -> None:
     for pair in by_sample.values():  # both methods were asked the same prompt
         assert pair["full"]["digest"] == pair["apb"]["digest"] and pair["full"]["expected"] == pair["apb"]["expected"]
         assert pair["full"]["passing_len"] == "all" and pair["apb"]["anchor_len"] > 0
+        # each row records what ran: full compresses nothing, apb (auto-exact off) the query-aware scorer
+        assert pair["full"]["compressor"] == "none" and pair["apb"]["compressor"] == "query_aware"
+        assert pair["apb"]["question_in_anchor"] and not pair["apb"]["auto_exact"]
 
     cells = {(c.task, c.method, c.hosts): c for c in summary.cells}
     assert set(cells) == {(t, m, 2) for t in ("niah_single_1", "passkey") for m in ("full", "apb")}

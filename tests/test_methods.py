@@ -106,3 +106,20 @@ def test_auto_exact_prices_the_all_gathers_on_the_device():
     assert not resolve_method("apb", 4000, 2, dims=SMOLLM2, device="cuda").auto_exact
     assert resolve_method("apb", 32 * 1024, 2, dims=LLAMA_8B, device="cuda").auto_exact  # 8B: exact up to ~32K
     assert not resolve_method("apb", 128 * 1024, 2, dims=LLAMA_8B, device="cuda").auto_exact
+
+
+@pytest.mark.parametrize("ablation", [{"scorer": "random"}, {"scorer": "retaining_heads"},
+                                      {"question_in_anchor": False}])
+def test_auto_exact_never_replaces_an_explicit_ablation(ablation):
+    """Where the default apb runs the exact layout, an explicit compressor or the question left out of the anchor
+    still runs compressed, and the config says what ran."""
+    from apb_core.algorithm.flops import ModelDims
+    from apb_core.models import build_config
+
+    dims = ModelDims.from_config(build_config("smollm2-135m"))
+    default = resolve_method("apb", 3000, 2, dims=dims)
+    assert default.auto_exact and default.compressor == "none" and default.passing_len == "all"
+    method = resolve_method("apb", 3000, 2, dims=dims, **ablation)
+    assert not method.auto_exact and method.anchor_len > 0 and method.passing_len != "all"
+    assert method.compressor == ablation.get("scorer", "query_aware")
+    assert method.question_in_anchor == ablation.get("question_in_anchor", True)

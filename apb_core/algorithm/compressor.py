@@ -1,8 +1,10 @@
 """Compressor: per layer and KV head, score the block's tokens and keep the top l_p for the passing block.
 
-Scores are smoothed by a max-pool of width 5 along the sequence (paper), then `topk` per KV head; indices are
+Scores are smoothed by a max-pool of width 5 along the sequence (paper), then the top l_p per KV head; indices are
 returned in position order (the passing block is fully visible, so order does not change the result, but a
-stable order makes runs reproducible). Scorers (pluggable):
+stable order makes runs reproducible). The pool makes plateaus (a peak's value covers 5 tokens), so ties at the
+cut are the rule, not the exception: they go to the earlier token (a stable descending sort), the same on every
+device, instead of wherever `torch.topk` happens to leave them. Scorers (pluggable):
 - `query_aware` (default, training-free): the question's query vectors (the probe rows, at their query-phase
   positions) attend to the block's keys; score = attention probability summed over the question tokens and the
   GQA group of each KV head, in fp32 (SnapKV/Spava-style). Every host, host 0 included, has the probe.
@@ -34,11 +36,12 @@ POOL_WIDTH = 5
 
 
 def select_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """scores [Hkv, n] -> indices [Hkv, keep] of the kept tokens per KV head, in position order."""
+    """scores [Hkv, n] -> indices [Hkv, keep] of the kept tokens per KV head (the largest pooled scores, ties to
+    the earlier token), in position order."""
     n = scores.shape[-1]
     keep = min(keep, n)
     pooled = F.max_pool1d(scores.float().unsqueeze(0), POOL_WIDTH, stride=1, padding=POOL_WIDTH // 2).squeeze(0)
-    idx = torch.topk(pooled, keep, dim=-1, sorted=False).indices
+    idx = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[:, :keep]
     return idx.sort(dim=-1).values
 
 

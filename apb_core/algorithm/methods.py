@@ -13,7 +13,9 @@ the busiest host about as much or less (flops.layout_flops). Exact also all-gath
 each layer: the cost counts those bytes too, priced in FLOPs of the device (flops.FLOPS_PER_BYTE: cheap over
 NVLink, dear over gloo on a CPU). When exact costs at most EXACT_SLACK times APB's default layout, apb runs exact:
 the same answer as full attention for about the same time. Pass --anchor-len or
---passing-len (or auto_exact=False) to force the approximation.
+--passing-len (or auto_exact=False) to force the approximation. An ablation also forces it: a compressor other
+than the default query_aware, or the question left out of the anchor, asks for something the exact layout
+does not run, so auto-exact never replaces it (MethodConfig.compressor and .auto_exact record what ran).
 
 Layouts: "balanced" (the default when the model's shape is known) sizes the blocks so that every host's prefill
 FLOPs are equal (flops.balanced_lengths): host 0 has no anchor and receives nothing, so it takes a longer block;
@@ -75,6 +77,14 @@ class MethodConfig:
         return self.passing.active and not self.passing.exact and self.passing.scorer == "query_aware"
 
     @property
+    def compressor(self) -> str:
+        """The scorer that chose passing tokens in this run: "none" when nothing was compressed (no passing, or
+        every earlier token passed exactly), else the PassingSpec's scorer."""
+        if not self.passing.active or self.passing.exact:
+            return "none"
+        return self.passing.scorer
+
+    @property
     def passing_len(self) -> int | str:
         return self.passing.keep
 
@@ -130,7 +140,8 @@ def resolve_method(
         a = split_blocks(context_len, hosts)[0][1] if anchor_len is None else anchor_len
         return MethodConfig("star", a, PassingSpec(0), False, blocks(a, 0), layout)
     default_a, default_p = default_lengths(context_len, hosts)
-    if anchor_len is None and passing_len is None and dims is not None and auto_exact:
+    ablation = scorer != SCORERS[0] or not question_in_anchor  # asked for explicitly: never swapped for exact
+    if anchor_len is None and passing_len is None and dims is not None and auto_exact and not ablation:
         exact_lens, apb_lens = blocks(0, ALL), blocks(default_a, default_p)
         if cost(exact_lens, 0, ALL) <= EXACT_SLACK * cost(apb_lens, default_a, default_p):
             return MethodConfig("apb", 0, PassingSpec(ALL), False, exact_lens, layout, auto_exact=True)

@@ -1,10 +1,12 @@
 """Haystacks and word lists for the synthetic long-context tasks, all original to apb.
 
-Two haystacks:
+Three haystacks:
 - `NOISE_SENTENCES`: a handful of plain sentences repeated without end (the "noise" haystack that RULER and
   InfiniteBench both use for retrieval tasks); `noise_haystack()`.
-- the essays of `apb_core.eval.essay` (`essay_text()`, `essay_units()`), cycled from a random paragraph;
-  `essay_haystack(rng)`.
+- real prose (`apb_core.eval.prose`: the Python documentation CPython ships), from a random paragraph, never
+  repeated within a sample: what RULER's essay tasks read (`text_haystack` picks it whenever it is long enough).
+- the generated essays of `apb_core.eval.essay` (`essay_text()`, `essay_units()`), cycled from a random
+  paragraph; `essay_haystack(rng)`: the fallback when the prose is missing or shorter than the target.
 A `Haystack` renders its first n units with needles placed at relative depths, so that the sizing code only
 has to choose n.
 
@@ -20,11 +22,16 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from apb_core.eval.essay import essay_text, essay_units
+from apb_core.eval.prose import PROSE_NAME, prose_text, prose_units
 
-__all__ = ["COMMON_WORDS", "KEY_ADJECTIVES", "KEY_NOUNS", "NOISE_SENTENCES", "Haystack", "essay_haystack",
-           "essay_text", "essay_units", "noise_haystack", "read_word_lists"]
+__all__ = ["COMMON_WORDS", "ESSAY_NAME", "KEY_ADJECTIVES", "KEY_NOUNS", "NOISE_SENTENCES", "PROSE_NAME", "Haystack",
+           "essay_haystack", "essay_text", "essay_units", "noise_haystack", "prose_haystack", "read_word_lists",
+           "text_haystack"]
+
+ESSAY_NAME = "generated-essays"  # Sample.haystack of the fallback
 
 WORD_LISTS = "eval_words.txt"  # under apb_core/data/
 
@@ -115,3 +122,34 @@ def essay_haystack(rng: random.Random) -> Haystack:
     size = len(words)
     return Haystack(unit=lambda j: words[(offset + j) % size],
                     can_insert=lambda j: sentence_start[(offset + j) % size])
+
+
+def prose_haystack(rng: random.Random) -> Haystack:
+    """The real prose from a paragraph picked by `rng`, wrapping to the start after the end (so nothing repeats
+    before the haystack is longer than the corpus); needles go between sentences."""
+    words, sentence_start, paragraph_start = prose_units()
+    starts = [i for i, is_start in enumerate(paragraph_start) if is_start]
+    offset = rng.choice(starts)
+    size = len(words)
+    return Haystack(unit=lambda j: words[(offset + j) % size],
+                    can_insert=lambda j: sentence_start[(offset + j) % size])
+
+
+_PROSE_TOKENS: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, corpus tokens): one count per run
+
+
+def prose_tokens(tokenizer: Any) -> int:
+    """Tokens of the whole prose corpus under `tokenizer` (0 where the corpus is missing)."""
+    key = id(tokenizer)
+    if key not in _PROSE_TOKENS:
+        text = prose_text()
+        _PROSE_TOKENS[key] = (tokenizer, len(tokenizer(text).input_ids) if text else 0)
+    return _PROSE_TOKENS[key][1]
+
+
+def text_haystack(rng: random.Random, tokenizer: Any, target_tokens: int) -> tuple[Haystack, str]:
+    """(haystack, its name) for RULER's essay tasks: the real prose when its corpus has at least
+    `target_tokens` tokens (then no sentence repeats in the sample), else the generated essays, cycled."""
+    if prose_tokens(tokenizer) >= target_tokens:
+        return prose_haystack(rng), PROSE_NAME
+    return essay_haystack(rng), ESSAY_NAME

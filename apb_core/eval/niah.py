@@ -10,6 +10,9 @@ and values look like, how many keys, values per key and asked keys); `NIAH_SPECS
     niah_multikey_3  haystack made of distractor needles, UUID keys -> UUIDs
     niah_multivalue  essay haystack, one key with 4 values, all expected
     niah_multiquery  essay haystack, 4 keys asked at once
+The "essay" haystack is real prose (`haystack.text_haystack`: the Python documentation, never repeated within a
+sample), or the generated essays where that is shorter than the target; `Sample.haystack` says which ran.
+Needle depths are uniform at random per sample (`needle_depth`), as RULER draws them.
 max_new_tokens is RULER's 128 for the multi-value and multi-query variants, 64 for the one-answer ones (the
 answer plus a restated question fits in ~45 tokens even for a UUID, and on CPU every decode step counts).
 """
@@ -76,7 +79,7 @@ def niah_sample(spec: NiahSpec, task: str, tokenizer: Any, target_tokens: int, s
     pairs = [(key, values[i * spec.values + j]) for i, key in enumerate(keys) for j in range(spec.values)]
     asked = keys[:spec.queries]
     answers = [value for key, value in pairs if key in asked]
-    depth = needle_depth(index)
+    depth = needle_depth(task, seed, index)
     needles = [(depth if i == 0 else rng.random(), _needle(kind, key, value)) for i, (key, value) in enumerate(pairs)]
 
     if spec.haystack == "needles":
@@ -88,11 +91,11 @@ def niah_sample(spec: NiahSpec, task: str, tokenizer: Any, target_tokens: int, s
             fill_values.take(j + 1)
             return _needle(kind, fill_keys.items[j], fill_values.items[j]) + "\n"
 
-        hay = haystack.Haystack(unit=distractor, can_insert=lambda j: True, needle_sep="\n")
+        hay, hay_name = haystack.Haystack(unit=distractor, can_insert=lambda j: True, needle_sep="\n"), "needles"
     elif spec.haystack == "essay":
-        hay = haystack.essay_haystack(rng)
+        hay, hay_name = haystack.text_haystack(rng, tokenizer, target_tokens)
     else:
-        hay = haystack.noise_haystack()
+        hay, hay_name = haystack.noise_haystack(), "noise"
 
     intro = (f"Some special magic {kind}s are hidden in the text below. Read it carefully and remember them; "
              f"you will be asked about them afterwards.")
@@ -110,7 +113,7 @@ def niah_sample(spec: NiahSpec, task: str, tokenizer: Any, target_tokens: int, s
     sample = sized_sample(task, tokenizer, target_tokens, seed, index,
                           render=lambda n: intro + "\n\n" + hay.render(n, needles), question=question,
                           answers=answers, metric="string_match_all", max_new_tokens=spec.max_new_tokens,
-                          answer_prefix=prefix, depth=depth)
+                          answer_prefix=prefix, depth=depth, haystack=hay_name)
     if spec.keys > 1 and spec.values == 1:  # every key's needle is in the document: each key is a question
         for key, value in pairs:
             key_question, key_prefix = one_key(key)

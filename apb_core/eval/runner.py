@@ -42,12 +42,13 @@ from apb_core.algorithm.methods import METHODS
 from apb_core.api import AskRequest, AskResult
 from apb_core.errors import InputError
 from apb_core.eval.niah import NIAH_SPECS
-from apb_core.eval.scoring import score
+from apb_core.eval.scoring import cite_hit, score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
 
 DEFAULT_METHODS = ("full", "star", "apb")  # full first: its answers are the reference of the others
 ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact")
 SPLIT_TASKS = tuple(name for name, spec in NIAH_SPECS.items() if spec.keys > 1 and spec.values == 1)
+NEEDLE_TASKS = (*NIAH_SPECS, *INFINITEBENCH_TASKS)  # one passage holds the answer: cite_hit applies
 SHARED = "+shared"  # the label suffix of answers given over one shared prefill (split_questions)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(TASKS),
@@ -77,6 +78,8 @@ class EvalConfig:
     threads: int | None = None
     ablation: dict[str, Any] = field(default_factory=dict)
     split_questions: bool = False  # one question per key of SPLIT_TASKS' documents, apb also over one prefill
+    retaining_heads: str | None = None  # heads file the workers load (ablation compressor retaining_heads)
+    cite: bool = False  # every answer cites its sources; needle tasks' rows get cite_hit (scoring.cite_hit)
 
     def check(self) -> None:
         """Raise InputError naming the first bad field (the CLI validates first; this guards library use)."""
@@ -98,6 +101,8 @@ class EvalConfig:
         if self.split_questions and any(t not in SPLIT_TASKS for t in self.tasks):
             raise InputError(f"--split-questions needs tasks whose documents hold several keys: "
                              f"{', '.join(SPLIT_TASKS)}")
+        if self.ablation.get("compressor") == "retaining_heads" and not self.retaining_heads:
+            raise InputError("the retaining_heads compressor needs a retaining heads file (retaining_heads)")
         unknown = set(self.ablation) - set(ABLATION_KEYS)
         if unknown:
             raise InputError(f"unknown ablation setting(s) {sorted(unknown)}; use {', '.join(ABLATION_KEYS)}")
@@ -115,6 +120,7 @@ class Cell:
     accuracy: float
     delta_vs_full: float | None  # accuracy - full's accuracy on the same samples; None without full
     reused_full: bool = False  # full's numbers come from the first hosts value (full is exact at any H)
+    cite_hit: float | None = None  # --cite: % of the correct answers whose top citation holds the needle
 
 
 @dataclass
@@ -162,6 +168,9 @@ def _row(sample: Sample, result: AskResult, method: str, hosts: int, points: flo
         "anchor_len": result.anchor_len,
         "passing_len": result.passing_len,
         "auto_exact": result.auto_exact,
+        "compressor": result.compressor,  # what ran ("none": nothing compressed), whatever the ablation asked
+        "question_in_anchor": result.question_in_anchor,
+        "haystack": sample.haystack,
         "ablation": ablation if method == "apb" else {},
         "digest": prompt_digest(sample),
         "metric": sample.metric,
@@ -171,10 +180,20 @@ def _row(sample: Sample, result: AskResult, method: str, hosts: int, points: flo
         "score": points,
         "correct": points >= 1.0,
         "generated_tokens": result.generated_tokens,
+        **_cite_fields(sample, result),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "model": result.model,
         "device": result.device,
     }
+
+
+def _cite_fields(sample: Sample, result: AskResult) -> dict[str, Any]:
+    """--cite: the top citation and, for needle tasks, cite_hit (scoring.cite_hit); nothing without citations."""
+    if result.citations is None:
+        return {}
+    top = asdict(result.citations[0]) if result.citations else None
+    return {"citation": top} | ({"cite_hit": cite_hit(result.citations, sample.answers)}
+                                if sample.task in NEEDLE_TASKS else {})
 
 
 def _new_tokens(config: EvalConfig, sample: Sample) -> int:
@@ -212,7 +231,7 @@ def run_eval(
     try:
         for h_index, hosts in enumerate(config.hosts):
             request = AskRequest(document="", questions=[], model=config.model, hosts=hosts, device=config.device,
-                                 seed=config.seed, threads=config.threads)
+                                 seed=config.seed, threads=config.threads, retaining_heads=config.retaining_heads)
             session = Session(request)
             if not samples:
                 for length in config.lengths:
@@ -228,7 +247,7 @@ def run_eval(
                 for (length, task, index), sample in samples.items():
                     for method in methods:
                         settings = replace(request, method=method, max_new_tokens=_new_tokens(config, sample),
-                                           **(config.ablation if method == "apb" else {}))
+                                           cite=config.cite, **(config.ablation if method == "apb" else {}))
                         if config.split_questions:
                             scored = _ask_split(session, sample, settings, method, hosts, length, asked, config)
                             asked += len(scored)
@@ -284,8 +303,8 @@ def _ask_split(session, sample: Sample, settings: AskRequest, method: str, hosts
         asked += len(results)
         for j, (question, result) in enumerate(zip(questions, results, strict=True)):
             points = score(replace(sample, answers=question.answers), result.answer)
-            row = _row(sample, result, method + (SHARED if shared else ""), hosts, points, length, None,
-                       config.ablation)
+            row = _row(replace(sample, answers=question.answers), result, method + (SHARED if shared else ""),
+                       hosts, points, length, None, config.ablation)
             row.update(question=j, asked=question.question, expected=question.answers,
                        answer_prefix=question.answer_prefix, shared_prefill=result.shared_prefill,
                        ablation=config.ablation if method == "apb" else {})
@@ -305,17 +324,21 @@ def summarise(rows: Iterable[dict[str, Any]]) -> tuple[list[Cell], list[Cell]]:
     `full` (same length, task and hosts). Rows are JSONL records, so a saved file can be re-summarised."""
     scores: dict[tuple[int, str, str, int], list[float]] = defaultdict(list)
     reused: dict[tuple[int, str, str, int], bool] = {}
+    hits: dict[tuple[int, str, str, int], list[float]] = defaultdict(list)  # cite_hit of the correct answers
     for row in rows:
         key = (row["length"], row["task"], row["method"], row["hosts"])
         scores[key].append(float(row["score"]))
         reused[key] = row.get("reused_from_hosts") is not None
+        if row.get("cite_hit") is not None and row["correct"]:
+            hits[key].append(float(row["cite_hit"]))
     cells = []
     for key, values in scores.items():
         length, task, method, hosts = key
         full = scores.get((length, task, "full", hosts))
         accuracy = 100 * sum(values) / len(values)
         delta = None if full is None else accuracy - 100 * sum(full) / len(full)
-        cells.append(Cell(length, task, method, hosts, len(values), accuracy, delta, reused[key]))
+        cite = 100 * sum(hits[key]) / len(hits[key]) if hits.get(key) else None
+        cells.append(Cell(length, task, method, hosts, len(values), accuracy, delta, reused[key], cite))
     groups: dict[tuple[int, str, int], list[Cell]] = defaultdict(list)
     for cell in cells:
         groups[(cell.length, cell.method, cell.hosts)].append(cell)

@@ -13,7 +13,6 @@ than that at 1K tokens).
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import uuid
 from collections.abc import Callable, Hashable, Sequence
@@ -23,7 +22,6 @@ from typing import Any
 
 CHAT_TEMPLATE_ALLOWANCE = 48  # tokens a chat template adds around one user turn (system prompt, role markers)
 QUESTION_SEPARATOR = "\n\n"  # between the document and the question in the user turn
-_GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_UNITS = 10_000_000
 
 
@@ -62,6 +60,7 @@ class Sample:
     actual_tokens: int = 0
     depth: float | None = None
     questions: list[Question] = field(default_factory=list)
+    haystack: str = ""  # what fills the document: noise, python3.x-docs (real prose), generated-essays, ...
 
     @property
     def user_message(self) -> str:
@@ -74,10 +73,11 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def needle_depth(index: int) -> float:
-    """Relative depth in [0, 1) of the asked needle for sample `index`: a golden-ratio sequence, so any run of
-    consecutive indices covers the document evenly (0.5, 0.12, 0.74, 0.35, 0.97, ...)."""
-    return (0.5 + index * _GOLDEN) % 1.0
+def needle_depth(task: str, seed: int, index: int) -> float:
+    """Relative depth in [0, 1) of the asked needle of sample `index`: uniform at random from its own stream, as
+    RULER draws it. (A fixed schedule put the first two samples at 0.50 and 0.12, and 0.12 lies in host 0's
+    block, which APB computes exactly: it hid the approximation.)"""
+    return task_rng(task, seed, index, "depth").random()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +175,8 @@ def _fit(render: Callable[[int], str], budget: int, count: Callable[[str], int],
 
 def sized_sample(task: str, tokenizer: Any, target_tokens: int, seed: int, index: int, *,
                  render: Callable[[int], str], question: str, answers: list[str], metric: str,
-                 max_new_tokens: int, answer_prefix: str = "", depth: float | None = None) -> Sample:
+                 max_new_tokens: int, answer_prefix: str = "", depth: float | None = None,
+                 haystack: str = "") -> Sample:
     """The `Sample` whose document is `render(n)` for the largest n that fits `target_tokens` next to the
     question, answer prefix and template allowance (see the module docstring); `render(n)` must grow with n.
 
@@ -199,4 +200,4 @@ def sized_sample(task: str, tokenizer: Any, target_tokens: int, seed: int, index
         raise ValueError(f"{task}: target_tokens={target_tokens} is too small (needs {actual})")
     return Sample(task=task, index=index, seed=seed, document=document, question=question, answers=answers,
                   metric=metric, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix,
-                  target_tokens=target_tokens, actual_tokens=actual, depth=depth)
+                  target_tokens=target_tokens, actual_tokens=actual, depth=depth, haystack=haystack)

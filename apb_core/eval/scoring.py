@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from apb_core.eval.sample import Sample
@@ -64,6 +64,19 @@ def kv_retrieval_score(pred: str, value: str) -> float:
     """
     words = re.split(r"[^0-9a-z\-]+", pred.casefold())
     return float(value.casefold() in words)
+
+
+def cite_hit(citations: Sequence[Any], refs: Sequence[str]) -> float:
+    """1.0 if the top citation's text holds one of `refs`, ignoring case, else 0.0 (also without citations).
+
+    For the needle tasks an expected value occurs only in its needle, so this says that the passage cited first
+    is the needle's (the `cite_hit` eval metric; with several needles, any of them).
+    """
+    _check_refs(refs)
+    if not citations:
+        return 0.0
+    text = citations[0].text.casefold()
+    return float(any(ref.casefold() in text for ref in refs))
 
 
 def _first(fn: Callable[[str, str], float]) -> Callable[[str, Sequence[str]], float]:

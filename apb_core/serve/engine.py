@@ -1,0 +1,208 @@
+"""The server's side of the workers: one Session, driven by one thread, one request at a time.
+
+Requests wait in a bounded queue (`Busy` when full). Streamed tokens and the final result reach the request's
+`Ticket` on the event loop. A request whose client went away is cancelled at its next prefill layer or token
+when the host runs in this process (one host); over worker processes its generation finishes unread. A
+WorkerError fails that request (503) and restarts the workers before the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from apb_core.algorithm.methods import resolve_method
+from apb_core.api import AskRequest, AskResult, Event
+from apb_core.ask import Session
+from apb_core.dist.launcher import InlineHost
+from apb_core.errors import ApbError, InputError, WorkerError
+from apb_core.runtime.generate import AskJob
+from apb_core.runtime.prompt import build_prompts
+from apb_core.runtime.reuse import ServeJob
+from apb_core.serve.cache import DocumentCache, cache_key, kv_bytes
+
+
+class Busy(ApbError):
+    """The request queue is full (503)."""
+
+
+class Cancelled(Exception):
+    """The request's client went away (or the server is stopping): its generation ends here."""
+
+
+@dataclass
+class Ticket:
+    """One request's channel: ("token", text) items, then ("done", ServeResult) or ("error", exception)."""
+
+    loop: asyncio.AbstractEventLoop
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            pass
+
+
+@dataclass
+class ServeResult:
+    result: AskResult
+    cache_hit: bool
+
+
+class ServeEngine:
+    """`base` gives the model, hosts, device and default settings; `open()` loads (blocking) and starts the thread."""
+
+    def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16) -> None:
+        self.base, self.max_queue = base, max_queue
+        self.cache = DocumentCache(cache_bytes)
+        self.session: Session | None = None
+        self.state = "loading"  # loading | ready | restarting | failed | stopped
+        self.current: Ticket | None = None
+        self.jobs: queue.Queue = queue.Queue()
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.restarts = 0
+        self.name = str(base.model)  # the model's name once loaded (kept while the workers restart)
+
+    @property
+    def model_name(self) -> str:
+        return self.name
+
+    def open(self) -> ServeEngine:
+        self._load()
+        self.thread = threading.Thread(target=self._loop, name="apb-serve", daemon=True)
+        self.thread.start()
+        return self
+
+    def _load(self) -> None:
+        session = Session(self.base, self._on_event)
+        session.__enter__()
+        self.session, self.state, self.name = session, "ready", session.source.name
+
+    def submit(self, ticket: Ticket, settings: AskRequest, document: str, question: str, use_cache: bool) -> None:
+        """Queue one question; Busy when `max_queue` requests wait already."""
+        with self.lock:
+            if self.pending >= self.max_queue:
+                raise Busy(f"the server is busy: {self.pending} requests are waiting (--max-queue)")
+            self.pending += 1
+        self.jobs.put((ticket, settings, document, question, use_cache))
+
+    def close(self, wait_s: float = 4.0) -> None:
+        """Cancel what runs, stop the thread and end the workers."""
+        self.state = "stopped"
+        if self.current is not None:
+            self.current.cancelled.set()
+        self.jobs.put(None)
+        if self.thread is not None:
+            self.thread.join(timeout=wait_s)
+        busy = self.thread is not None and self.thread.is_alive()
+        if self.session is not None:
+            # idle workers are told to stop; busy ones are ended at once (SIGTERM, then SIGKILL)
+            self.session.__exit__(*((SystemExit, SystemExit(), None) if busy else (None, None, None)))
+            self.session = None
+
+    def _on_event(self, event: Event) -> None:
+        ticket = self.current
+        if ticket is None:
+            return
+        if ticket.cancelled.is_set() and isinstance(self.session.runner, InlineHost):
+            raise Cancelled()  # in this process: unwinds the prefill or decode (collectives are not involved)
+        if event.kind == "token" and event.text:
+            ticket.put(("token", event.text))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            ticket, settings, document, question, use_cache = item
+            with self.lock:
+                self.pending -= 1
+            if ticket.cancelled.is_set():
+                continue
+            if self.state != "ready":
+                try:
+                    self._restart()
+                except BaseException as exc:  # noqa: BLE001 - reported to the request, retried on the next one
+                    self.state = "failed"
+                    ticket.put(("error", WorkerError(f"the workers could not be restarted: {exc}")))
+                    continue
+            self.current = ticket
+            try:
+                ticket.put(("done", self._answer(settings, document, question, use_cache)))
+            except WorkerError as exc:
+                self.state = "restarting"
+                ticket.put(("error", exc))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to its request
+                ticket.put(("error", exc))
+            finally:
+                self.current = None
+            if self.state == "restarting":
+                try:
+                    self._restart()
+                except BaseException:  # noqa: BLE001 - retried before the next request
+                    self.state = "failed"
+
+    def _restart(self) -> None:
+        """End the old workers and start new ones (the document cache is gone with them)."""
+        self.state = "restarting"
+        self.cache.forget()
+        self.restarts += 1
+        if self.session is not None:
+            old, self.session = self.session, None
+            try:
+                old.__exit__(WorkerError, WorkerError("restart"), None)
+            except Exception:  # noqa: BLE001 - the old workers are being replaced anyway
+                pass
+        self._load()
+
+    def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool) -> ServeResult:
+        """Tokenize, pick the layout, run the question over the cached KV or a new prefill; the cache keeps this
+        document when its layout does not read the question and its KV fits the limit."""
+        s = self.session
+        t0 = time.perf_counter()
+        if not question.strip():
+            raise InputError("the question (the last user message) is empty")
+        prompt = build_prompts(s.tokenizer, document, [question], s.window, req.max_new_tokens, req.truncate,
+                               None, req.system)[0]
+        method = resolve_method(req.method, prompt.context_len, s.hosts, req.anchor_len, req.passing_len,
+                                req.compressor, req.question_in_anchor, req.seed, s.dims, req.auto_exact,
+                                req.layout, device=self.base.device)
+        tokenize_s = time.perf_counter() - t0
+        key = cache_key(prompt.context_ids, method, s.hosts)
+        reuse = use_cache and not method.reads_question and self.cache.holds(key)
+        if not reuse:
+            self.cache.forget()  # the prefill overwrites the hosts' KV
+        job = ServeJob(AskJob(prompt, method, req.max_new_tokens, req.temperature, req.top_p, req.seed,
+                              list(req.stop), s.eos), reuse)
+        per_host = s.runner.run(job)
+        lead = per_host[0][0]
+        hit = reuse and lead.prefill_s == 0.0
+        if hit:
+            self.cache.hits += 1
+        else:
+            self.cache.misses += 1
+            if use_cache and not method.reads_question:
+                self.cache.keep(key, kv_bytes(s.dims, prompt.context_len, self._itemsize()))
+        timings = {"convert_s": 0.0, "load_s": 0.0, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
+                   "query_s": lead.query_s, "decode_s": lead.decode_s,
+                   "total_s": time.perf_counter() - t0}
+        result = s._result(req, question, prompt, method, timings, [h[0] for h in per_host], False, document)
+        s.prefills += 0 if hit else 1
+        return ServeResult(result, hit)
+
+    def _itemsize(self) -> int:
+        from apb_core.models import resolve_dtype
+
+        return resolve_dtype(self.base.device, self.base.dtype).itemsize
+
+    def settings(self, **changes) -> AskRequest:
+        """The server's request with one request's changes (None values keep the server's)."""
+        return dataclasses.replace(self.base, **{k: v for k, v in changes.items() if v is not None})
