@@ -78,8 +78,13 @@ def run_serve(host: str, port: int, model: str | None, hosts: int | None, device
     print(f"apb: loading the model on {hosts} host(s) ({device}) ...", file=sys.stderr, flush=True)
     engine = ServeEngine(base, int(cache_gib * 2**30), max_queue).open()
     try:
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level="warning",
-                                               timeout_graceful_shutdown=GRACEFUL_S, lifespan="off"))
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:  # the first SIGTERM/SIGINT: in-flight work ends now
+                engine.stop_accepting()
+                super().handle_exit(sig, frame)
+
+        server = Server(uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level="warning",
+                                       timeout_graceful_shutdown=GRACEFUL_S, lifespan="off"))
         # uvicorn handles SIGINT/SIGTERM while it serves and re-raises them afterwards: let that be a no-op, so a
         # stop by signal is a clean exit (0) once the workers are ended below
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -580,3 +580,22 @@ def test_torchrun_follower_prints_nothing(doc: Path, engine: dict[str, Any]) -> 
     assert engine["calls"] == 1  # it computes all the same
     leader = invoke("ask", str(doc), "q?", "--quiet", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert leader.stdout == "Answer 1: 7481.\n"
+
+
+def test_compressor_and_retaining_heads_options(tmp_path):
+    """--retaining-heads alone means the retaining_heads compressor; retaining_heads without a file, a file with
+    another compressor, or a missing file is one InputError."""
+    from apb_cli.options import resolve_compressor
+    from apb_core.errors import InputError
+
+    heads = tmp_path / "heads.safetensors"
+    heads.write_bytes(b"x")
+    assert resolve_compressor(None, None) is None
+    assert resolve_compressor("random", None) == "random"
+    assert resolve_compressor(None, str(heads)) == "retaining_heads"
+    for compressor, path, match in [("retaining_heads", None, "needs --retaining-heads"),
+                                    ("random", str(heads), "read only by"),
+                                    (None, str(tmp_path / "missing"), "no such file"),
+                                    ("snapkv", None, "--compressor")]:
+        with pytest.raises(InputError, match=match):
+            resolve_compressor(compressor, path)

@@ -185,7 +185,7 @@ def one_line(text: str) -> str:
 CAUSES = {
     "raise": r"worker 1 failed: InjectedFault: injected fault: rank 1 raise in {phase}",
     "exit": r"worker 1 died \(exit code 3\)",
-    "kill": r"worker 1 died \(killed by signal 9\)",
+    "kill": r"worker 1 died \(killed by signal 9",  # then a hint that the kernel's OOM killer sends SIGKILL
     # over NCCL the waiting worker may instead be aborted by NCCL's own watchdog (SIGABRT)
     "hang": r"(?:worker 1 is stuck|worker 0 died \(killed by signal 6: aborted.* worker\(s\) 1 still running\))",
 }

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,9 +91,14 @@ def test_completion_then_cached_question_is_faster(server):
     hit_s = time.perf_counter() - t0
     assert second.status_code == 200, second.text
     assert second.json()["apb"]["cache_hit"] is True
-    assert second.json()["apb"]["result"]["timings"]["prefill_s"] == 0.0
-    print(f"cache miss {miss_s:.2f} s, hit {hit_s:.2f} s, ratio {miss_s / hit_s:.1f}x")
-    assert miss_s >= 2 * hit_s
+    miss, hit = body["apb"]["result"]["timings"], second.json()["apb"]["result"]["timings"]
+    assert hit["prefill_s"] == 0.0
+    # time to the first token (prefill + query phase) is what the cache saves; the decode of 16 tokens is
+    # the same work either way and dominates a hit on a loaded 2-core machine (docs/benchmarks.md)
+    ttft_ratio = (miss["prefill_s"] + miss["query_s"]) / hit["query_s"]
+    print(f"cache miss {miss_s:.2f} s, hit {hit_s:.2f} s, ratio {miss_s / hit_s:.1f}x; first token {ttft_ratio:.1f}x")
+    assert ttft_ratio >= 3
+    assert miss_s >= 1.5 * hit_s
 
 
 def test_streamed_completion(server):
@@ -111,6 +117,38 @@ def test_streamed_completion(server):
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     assert "7481" in text
+
+
+def test_openai_client(server):
+    """The `openai` package (when installed; not a test dependency) streams and completes against the server."""
+    openai = pytest.importorskip("openai")
+    _, client = server
+    oa = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=KEY)
+    assert [m.id for m in oa.models.list()] == [client.get("/health").json()["model"]]
+    messages = [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": QUESTION}]
+    plain = oa.chat.completions.create(model="apb", messages=messages, max_tokens=16)
+    assert "7481" in plain.choices[0].message.content
+    stream = oa.chat.completions.create(model="apb", messages=messages, max_tokens=16, stream=True)
+    assert "7481" in "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="apb", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_disconnect_cancels_the_generation(server):
+    """A streamed request whose client leaves after the first token ends there: it is counted neither as a cache
+    hit nor a miss, and the next request is answered."""
+    _, client = server
+    before = client.get("/health").json()["cache"]
+    with client.stream("POST", "/v1/chat/completions", json=_chat("Describe the document.", stream=True,
+                                                                  max_tokens=400)) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first piece of text: leave
+    after = client.post("/v1/chat/completions", json=_chat(QUESTION, max_tokens=4))
+    assert after.status_code == 200 and after.json()["apb"]["cache_hit"] is True
+    cache = client.get("/health").json()["cache"]
+    assert (cache["hits"], cache["misses"]) == (before["hits"] + 1, before["misses"])
 
 
 def test_bad_requests_are_400(server):
@@ -139,14 +177,14 @@ def test_api_key_required(server):
 
 def test_ask_with_server_prints_the_same_json(server):
     _, client = server
-    cmd = [sys.executable, "-m", "apb_cli.main", "ask", "examples/sample.md", QUESTION, "--server", str(client.base_url),
-           "--api-key", KEY, "--json", "--max-new-tokens", "16", "--hosts", "1", "--device", "cpu"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    base = [sys.executable, "-m", "apb_cli.main", "ask", "examples/sample.md", QUESTION, "--server",
+            str(client.base_url), "--json", "--max-new-tokens", "16", "--hosts", "1", "--device", "cpu"]
+    done = subprocess.run([*base, "--api-key", KEY], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert "7481" in payload["answer"] and payload["method"] == "full" and payload["prompt_tokens"] > 3000
     assert {"timings", "context_tokens", "generated_tokens", "finish_reason", "notes", "warnings"} <= set(payload)
-    wrong = subprocess.run([*cmd[:-7], "--api-key", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run([*base, "--api-key", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "401" in wrong.stderr and wrong.stdout == ""
 
 
@@ -166,3 +204,83 @@ def test_sigterm_exits_cleanly(server):
             return
         time.sleep(0.1)
     pytest.fail("a process of the server is left behind")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def test_killed_worker_is_503_then_the_server_recovers():
+    """Two CPU hosts (worker processes): SIGKILL one, the next request gets 503, the workers restart, the one
+    after is answered; SIGTERM still exits 0."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts", "2",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"messages": [{"role": "system", "content": "The north archive's passcode is 7481."},
+                         {"role": "user", "content": "What is the north archive's passcode?"}], "max_tokens": 4}
+
+    def wait_ready() -> None:
+        deadline = time.monotonic() + START_S
+        while True:
+            assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.5)
+
+    try:
+        wait_ready()
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        failed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["error"]["code"] == "worker_failed" and "worker" in failed.json()["error"]["message"]
+        wait_ready()
+        assert httpx.get(f"{url}/health").json()["restarts"] == 1
+        answered = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["usage"]["completion_tokens"] >= 1
+        # SIGTERM while a request runs: that request gets 503, the server exits 0 within 10 s
+        long = dict(body, messages=[{"role": "system", "content": DOCUMENT}, body["messages"][1]], max_tokens=400)
+        replies: list = []
+        client = threading.Thread(target=lambda: replies.append(
+            httpx.post(f"{url}/v1/chat/completions", json=long, timeout=60)))
+        client.start()
+        time.sleep(2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - t0 < 10
+        client.join(timeout=10)
+        assert replies and replies[0].status_code == 503 and replies[0].json()["error"]["code"] == "stopping"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_a_full_queue_is_busy():
+    """Past --max-queue waiting requests, submit refuses (the route answers 503)."""
+    from apb_core.api import AskRequest
+    from apb_core.serve.engine import Busy, ServeEngine
+
+    engine = ServeEngine(AskRequest(document="", questions=[]), cache_bytes=0, max_queue=2)
+    engine.pending = 2
+    with pytest.raises(Busy, match="2 requests are waiting"):
+        engine.submit(None, engine.base, "doc", "q", True)

@@ -10,7 +10,7 @@ import torch
 
 from apb_core.dist.env import Env
 
-OOM_EXIT_CODE = 3  # a worker that ran out of memory exits with this: its one-line report may not get out
+OOM_EXIT_CODE = 77  # a worker that ran out of memory exits with this (its one-line report may not get out); 3 is the fault injection's
 
 
 def is_oom(exc: BaseException) -> bool:

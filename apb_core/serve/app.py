@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from apb_core.errors import InputError, WorkerError
-from apb_core.serve.engine import Busy, Cancelled, ServeEngine, ServeResult, Ticket
+from apb_core.serve.engine import Busy, Cancelled, ServeEngine, ServeResult, Stopping, Ticket
 from apb_core.serve.schemas import ChatCompletionRequest
 
 DISCONNECT_POLL_S = 0.25
@@ -45,6 +45,8 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc))
     if isinstance(exc, Busy):
         return ApiError(503, str(exc), "server_busy", "queue_full")
+    if isinstance(exc, Stopping):
+        return ApiError(503, str(exc), "server_error", "stopping")
     if isinstance(exc, WorkerError):
         return ApiError(503, f"{exc} (the workers are restarting; retry)", "server_error", "worker_failed")
     return ApiError(500, f"unexpected {type(exc).__name__}: {exc}", "server_error")

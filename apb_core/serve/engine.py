@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,10 @@ from apb_core.serve.cache import DocumentCache, cache_key, kv_bytes
 
 class Busy(ApbError):
     """The request queue is full (503)."""
+
+
+class Stopping(ApbError):
+    """The server is stopping (SIGTERM, Ctrl-C): the request is not answered (503)."""
 
 
 class Cancelled(Exception):
@@ -62,7 +68,7 @@ class ServeEngine:
         self.base, self.max_queue = base, max_queue
         self.cache = DocumentCache(cache_bytes)
         self.session: Session | None = None
-        self.state = "loading"  # loading | ready | restarting | failed | stopped
+        self.state = "loading"  # loading | ready | restarting | failed | stopping | stopped
         self.current: Ticket | None = None
         self.jobs: queue.Queue = queue.Queue()
         self.pending = 0
@@ -93,6 +99,21 @@ class ServeEngine:
                 raise Busy(f"the server is busy: {self.pending} requests are waiting (--max-queue)")
             self.pending += 1
         self.jobs.put((ticket, settings, document, question, use_cache))
+
+    def stop_accepting(self) -> None:
+        """The server got SIGTERM or Ctrl-C: what waits gets 503 and what runs ends now, so that in-flight
+        requests answer within uvicorn's grace period (one host: cancelled at the next layer or token; worker
+        processes: ended, and not restarted)."""
+        self.state = "stopping"
+        if self.current is not None:
+            self.current.cancelled.set()
+        runner = self.session.runner if self.session is not None else None
+        for p in getattr(runner, "procs", []):
+            if p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def close(self, wait_s: float = 4.0) -> None:
         """Cancel what runs, stop the thread and end the workers."""
@@ -125,6 +146,9 @@ class ServeEngine:
             ticket, settings, document, question, use_cache = item
             with self.lock:
                 self.pending -= 1
+            if self.state in ("stopping", "stopped"):
+                ticket.put(("error", Stopping("the server is stopping")))
+                continue
             if ticket.cancelled.is_set():
                 continue
             if self.state != "ready":
@@ -137,9 +161,14 @@ class ServeEngine:
             self.current = ticket
             try:
                 ticket.put(("done", self._answer(settings, document, question, use_cache)))
-            except WorkerError as exc:
-                self.state = "restarting"
-                ticket.put(("error", exc))
+            except (WorkerError, Cancelled) as exc:
+                if self.state in ("stopping", "stopped"):
+                    ticket.put(("error", Stopping("the server is stopping")))
+                elif isinstance(exc, WorkerError):
+                    self.state = "restarting"
+                    ticket.put(("error", exc))
+                else:
+                    ticket.put(("error", exc))
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to its request
                 ticket.put(("error", exc))
             finally:
