@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from apb_cli import options
 from apb_cli.main import app
 from apb_core.api import AskRequest, AskResult, Event, HostStats
+from apb_core.dist.failures import OOM_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.md"
@@ -202,7 +203,7 @@ def test_bench_on_cpu_says_hosts_gflops_and_memory(monkeypatch: pytest.MonkeyPat
     assert payload["machine"]["peak_rss_gib"] > 0.05
 
 
-@pytest.mark.parametrize("code, words", [(-9, "probably out of memory"), (3, "out of memory")])
+@pytest.mark.parametrize("code, words", [(-9, "probably out of memory"), (OOM_EXIT_CODE, "out of memory")])
 def test_worker_killed_for_memory_is_said(code: int, words: str) -> None:
     from apb_core.dist.launcher import Workers
 
