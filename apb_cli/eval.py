@@ -60,6 +60,9 @@ def eval_command(
         typer.Option("--auto-exact/--no-auto-exact",
                      help="apb only: exact layout where it costs about as much (off: always compress)."),
     ] = True,
+    layout: Annotated[
+        str, typer.Option("--layout", help="apb only: balanced|equal blocks (the others run balanced).")
+    ] = "balanced",
     anchor_len: Annotated[
         int | None, typer.Option("--anchor-len", help="apb only: anchor length. Default: by context.")
     ] = None,
@@ -92,7 +95,8 @@ def eval_command(
             tasks=expand_tasks(tasks), lengths=tuple(parse_tokens(lengths)), samples=samples,
             methods=tuple(split_list(methods)), hosts=parse_host_list(hosts), model=model, seed=seed,
             json_output=json_output, out=out, compressor=compressor, question_in_anchor=question_in_anchor,
-            auto_exact=auto_exact, anchor_len=anchor_len, passing_len=passing_len, device=device,
+            auto_exact=auto_exact, layout=layout.strip().lower(), anchor_len=anchor_len, passing_len=passing_len,
+            device=device,
             max_new_tokens=max_new_tokens, threads=threads, quiet=quiet, split_questions=split_questions,
             retaining_heads=retaining_heads, cite=cite,
         ))

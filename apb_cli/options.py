@@ -372,6 +372,7 @@ class EvalOptions:
     compressor: str | None
     question_in_anchor: bool
     auto_exact: bool
+    layout: str = "balanced"
     anchor_len: int | None
     passing_len: int | str | None
     device: str
@@ -388,6 +389,7 @@ class EvalOptions:
             given = ",".join(self.methods)
             raise InputError(f"--methods must be a comma list of {', '.join(METHODS)} (got {given!r})")
         check_choice("--device", self.device, DEVICES)
+        check_choice("--layout", self.layout, LAYOUTS)
         compressor = resolve_compressor(self.compressor, self.retaining_heads)
         check_not_negative("--anchor-len", self.anchor_len)
         passing_len = parse_passing_len(self.passing_len)
@@ -410,6 +412,8 @@ class EvalOptions:
             ablation["question_in_anchor"] = False
         if not self.auto_exact:
             ablation["auto_exact"] = False
+        if self.layout != "balanced":
+            ablation["layout"] = self.layout
         if self.anchor_len is not None:
             ablation["anchor_len"] = self.anchor_len
         if self.passing_len is not None:

@@ -46,7 +46,7 @@ from apb_core.eval.scoring import cite_hit, score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
 
 DEFAULT_METHODS = ("full", "star", "apb")  # full first: its answers are the reference of the others
-ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact")
+ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len", "auto_exact", "layout")
 SPLIT_TASKS = tuple(name for name, spec in NIAH_SPECS.items() if spec.keys > 1 and spec.values == 1)
 NEEDLE_TASKS = (*NIAH_SPECS, *INFINITEBENCH_TASKS)  # one passage holds the answer: cite_hit applies
 SHARED = "+shared"  # the label suffix of answers given over one shared prefill (split_questions)
