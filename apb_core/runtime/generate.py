@@ -146,9 +146,10 @@ def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], 
 
 
 def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
-                  faults: Faults = NO_FAULTS) -> list[JobResult]:
+                  faults: Faults = NO_FAULTS, headroom: int = 0) -> list[JobResult]:
     """Prefill `job`'s context once, then answer each of its questions in turn on this host; one JobResult per
-    question. `emit` receives progress and (on rank 0) streamed token events."""
+    question. `emit` receives progress and (on rank 0) streamed token events. `headroom`: extra cache room on the
+    last host for questions asked later over the same prefill (the server's document cache)."""
     emit = emit or (lambda event: None)
     prompt, method, rank = job.prompt, job.method, engine.rank
     ctx = prompt.context_ids
@@ -162,7 +163,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     faults.point("prefill", rank)
     t0 = time.perf_counter()
     call = engine.prefill(plan, ctx, passing=method.passing, block_lens=list(method.block_lens),
-                          reserve=max(map(len, queries)) + job.max_new_tokens + 1, on_layer=on_layer)
+                          reserve=max(map(len, queries)) + job.max_new_tokens + 1 + headroom, on_layer=on_layer)
     sync(engine.device)
     host_prefill = time.perf_counter() - t0
     if job.cite:
@@ -172,7 +173,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     results = []
     for i, query_ids in enumerate(queries):
         engine.rewind()  # no earlier question's or answer's KV reaches this one
-        answer = _answer(engine, job, query_ids, job.index + i, tokenizer, emit, faults)
+        answer = answer_question(engine, job, query_ids, job.index + i, tokenizer, emit, faults)
         answer.prefill_s, answer.host_prefill_s = t1 - t0, host_prefill
         answer.block_tokens, answer.anchor_tokens = plan.block_len, plan.anchor_len
         answer.passing_tokens = call.passing_received
@@ -180,8 +181,8 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     return results
 
 
-def _answer(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, tokenizer,
-            emit: Callable[[Event], None], faults: Faults) -> JobResult:
+def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, tokenizer,
+                    emit: Callable[[Event], None], faults: Faults = NO_FAULTS) -> JobResult:
     """One question's query phase and decode over the prefilled cache (prefill fields left at 0)."""
     rank = engine.rank
     sync(engine.device)

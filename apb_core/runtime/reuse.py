@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from apb_core.api import Event
-from apb_core.runtime.cache import HostCache
-from apb_core.runtime.generate import AskJob, JobResult, _answer, host_plan, run_questions
+from apb_core.runtime.generate import AskJob, JobResult, answer_question, run_questions
 
 HEADROOM = 1024  # query + answer tokens the last host keeps room for beyond the request's own (later questions)
 
@@ -40,13 +39,7 @@ class ServeJob:
             fits = engine.cache is not None and engine.cache.capacity >= engine.context_len + need
             if engine.broadcast_token(int(fits) if engine.is_last else 0):
                 engine.rewind()  # the document-only state: no earlier question or answer is seen
-                result = _answer(engine, job, query_ids, job.index, host.tokenizer, emit, host.faults)
+                result = answer_question(engine, job, query_ids, job.index, host.tokenizer, emit, host.faults)
                 result.block_tokens = engine.context_len
                 return [result]
-        if engine.is_last:  # preallocate the cache with headroom; prefill keeps a cache that is large enough
-            capacity = host_plan(engine, job.method, job.prompt).block_len + need + HEADROOM
-            if engine.cache is None or engine.cache.capacity < capacity:
-                engine.cache = None
-                engine.cache = HostCache(engine.layers, engine.kv_heads, engine.head_dim, capacity, engine.dtype,
-                                         engine.device)
-        return run_questions(engine, job, host.tokenizer, emit, host.faults)
+        return run_questions(engine, job, host.tokenizer, emit, host.faults, headroom=HEADROOM)
