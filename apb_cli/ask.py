@@ -46,6 +46,11 @@ def ask(
             "--hosts", help="Workers. Default: visible GPUs on cuda; on CPU 2, or 1 below 4 cores.", show_default=False
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Worker processes (dividing --hosts); fewer than hosts: the hosts of a worker "
+                     "share its model and take turns (same answer). Default: one per host.", show_default=False),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
     method: Annotated[str, typer.Option("--method", help="apb|star|full.")] = "apb",
     anchor_len: Annotated[
@@ -123,7 +128,8 @@ def ask(
     def body() -> int:
         return run_ask_command(AskOptions(
             path=path, questions=(*([] if question is None else [question]), *(extra_questions or [])),
-            model=model, hosts=hosts, device=device, method=method, anchor_len=anchor_len, passing_len=passing_len,
+            model=model, hosts=hosts, workers=workers, device=device, method=method,
+            anchor_len=anchor_len, passing_len=passing_len,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or []),
             truncate=truncate, json_output=json_output and not follower, quiet=quiet or follower,
             allow_pickle=allow_pickle, threads=threads, dtype=dtype, auto_exact=auto_exact, layout=layout,
@@ -197,7 +203,8 @@ def build_request(opts: AskOptions, renderer: Renderer) -> AskRequest:
         renderer.warn(warning)
     return AskRequest(
         document=document.text, questions=list(opts.questions), model=opts.model, method=opts.method,
-        hosts=opts.hosts, device=opts.device, anchor_len=opts.anchor_len, passing_len=opts.passing_len,
+        hosts=opts.hosts, workers=opts.workers, device=opts.device, anchor_len=opts.anchor_len,
+        passing_len=opts.passing_len,
         max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
         stop=list(opts.stop), truncate=opts.truncate, threads=opts.threads, allow_pickle=opts.allow_pickle,
         dtype=None if opts.dtype == "auto" else opts.dtype, auto_exact=opts.auto_exact, layout=opts.layout,

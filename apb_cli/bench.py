@@ -22,6 +22,7 @@ from apb_cli import handler
 from apb_cli.options import BenchOptions, parse_breakdown, parse_tokens, split_list
 from apb_core.api import Event
 
+DEFAULT_METHODS = "single,ring,ulysses,star,apb"  # apb_core.bench.runner.DEFAULT_METHODS, written out
 PHASES = ("qkv", "compress", "wait", "all-gather", "all-to-all", "attention", "o-proj", "ffn", "other")
 
 
@@ -35,9 +36,16 @@ def bench(
                      show_default=False),
     ] = None,
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma list: hf (plain transformers), single (rank 0 alone, one GPU), "
-                          "ring, ulysses, full (exact over the hosts), star, apb.")
-    ] = "single,ring,ulysses,star,apb",
+        str | None, typer.Option("--methods", help="Comma list: hf (plain transformers), single (rank 0 alone, one "
+                                 "GPU), ring, ulysses, full (exact over the hosts), star, apb. "
+                                 f"Default: {DEFAULT_METHODS}.", show_default=False)
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Worker processes (dividing --hosts); fewer than hosts: the hosts of a worker "
+                     "take turns and the row shows a projected H-GPU prefill. Default: one per host.",
+                     show_default=False),
+    ] = None,
     preset: Annotated[
         str | None, typer.Option("--preset", help="Random-weight model shape: llama-3.1-8b (default on GPUs), "
                                  "qwen2.5-14b, smollm2-135m (default on CPU), tiny.")
@@ -82,7 +90,8 @@ def bench(
 
     def body() -> int:
         return run_bench_command(BenchOptions(
-            lengths=tuple(parse_tokens(length)), hosts=hosts, methods=tuple(split_list(methods)), preset=preset,
+            lengths=tuple(parse_tokens(length)), hosts=hosts, methods=tuple(split_list(methods or DEFAULT_METHODS)),
+            methods_given=methods is not None, workers=workers, preset=preset,
             model=model, repeat=repeat, device=device, json_output=json_output, plot=plot,
             decode_tokens=decode_tokens, breakdown=parse_breakdown(breakdown), seed=seed, threads=threads,
             dtype=dtype.strip().lower(), quiet=quiet, decode=decode.strip().lower(), layout=layout.strip().lower(),

@@ -32,6 +32,11 @@ def eval_command(
     samples: Annotated[int, typer.Option("--samples", help="Samples per task and length.")] = 3,
     methods: Annotated[str, typer.Option("--methods", help="Comma list of full, star, apb.")] = "full,star,apb",
     hosts: Annotated[str, typer.Option("--hosts", help="Comma list of host counts, e.g. 2,4.")] = "2",
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Worker processes for every --hosts value (dividing each); fewer than hosts: "
+                     "the hosts of a worker take turns (same math). Default: one per host.", show_default=False),
+    ] = None,
     model: Annotated[
         str | None, typer.Option("-m", "--model", help="Local HF model directory or .gguf. Default: embedded model.")
     ] = None,
@@ -93,7 +98,7 @@ def eval_command(
     def body() -> int:
         return run_eval_command(EvalOptions(
             tasks=expand_tasks(tasks), lengths=tuple(parse_tokens(lengths)), samples=samples,
-            methods=tuple(split_list(methods)), hosts=parse_host_list(hosts), model=model, seed=seed,
+            methods=tuple(split_list(methods)), hosts=parse_host_list(hosts), workers=workers, model=model, seed=seed,
             json_output=json_output, out=out, compressor=compressor, question_in_anchor=question_in_anchor,
             auto_exact=auto_exact, layout=layout.strip().lower(), anchor_len=anchor_len, passing_len=passing_len,
             device=device,
@@ -119,7 +124,9 @@ def run_eval_command(opts: EvalOptions) -> int:
                         methods=list(opts.methods), hosts=list(opts.hosts), model=opts.model, seed=opts.seed,
                         device=opts.device, max_new_tokens=opts.max_new_tokens, threads=opts.threads,
                         ablation=opts.ablation(), split_questions=opts.split_questions,
-                        retaining_heads=opts.retaining_heads, cite=opts.cite)
+                        retaining_heads=opts.retaining_heads, cite=opts.cite, workers=list(opts.workers_per_hosts))
+    for note in opts.notes:
+        console.print(f"[dim]apb: note: {note}[/]")
     console.print(f"[dim]apb eval: {len(opts.tasks)} task(s) x {len(opts.lengths)} length(s) x "
                   f"{opts.samples} sample(s); methods {', '.join(opts.methods)}; hosts "
                   f"{', '.join(map(str, opts.hosts))}; rows -> {opts.out}[/]")
@@ -161,15 +168,21 @@ def column_keys(summary: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 def accuracy_tables(summary: dict[str, Any]) -> list[Table]:
-    """One rich table per length: rows = tasks + average, columns = method x hosts, cells 'acc (delta vs full)'."""
+    """One rich table per length: rows = tasks + average, columns = method x hosts, cells 'acc (delta vs full)',
+    then the average's 95% intervals and target verdict in rows of their own (per-task intervals: --json), so
+    the cells stay short enough for several hosts values in 160 columns."""
     config = summary["config"]
     keys = column_keys(summary)
     by_key = {(c["length"], c["task"], c["method"], c["hosts"]): c for c in summary["cells"] + summary["averages"]}
     tables = []
     for length in config["lengths"]:
         samples = config["samples"]
+        has_ci = any(c.get("accuracy_ci") is not None for c in summary["averages"])  # old summaries have none
+        caption = "(delta vs full, points)" + (
+            "; average's 95% bootstrap intervals, delta paired with full on the same samples; target: the delta "
+            "interval vs -1 (per-task intervals: --json)" if has_ci else "")
         table = Table(title=f"{length:,} tokens: accuracy, {samples} sample(s)/task", title_justify="left",
-                      caption="(delta vs full, points)", caption_justify="left")
+                      caption=caption, caption_justify="left")
         table.add_column("task")
         for method, hosts in keys:
             table.add_column("full (any H)" if method == "full" else f"{method} H={hosts}", justify="right")
@@ -179,8 +192,30 @@ def accuracy_tables(summary: dict[str, Any]) -> list[Table]:
                 cell = by_key.get((length, task, method, hosts))
                 cells.append(format_cell(cell, method))
             table.add_row(task, *cells, end_section=task == config["tasks"][-1])
+        if has_ci:
+            averages = [by_key.get((length, "average", method, hosts)) for method, hosts in keys]
+            for label, row in interval_rows(averages, [method for method, _ in keys]):
+                table.add_row(label, *row)
         tables.append(table)
     return tables
+
+
+def interval_rows(averages: list[dict[str, Any] | None], methods: list[str]) -> list[tuple[str, list[str]]]:
+    """The rows under 'average': accuracy interval, delta interval and target verdict per column ('-' where
+    none: full is the reference, so it has no delta row entry)."""
+    acc = [format_interval(c and c.get("accuracy_ci")) for c in averages]
+    delta = ["-" if m == "full" else format_interval(c and c.get("delta_ci"), signed=True)
+             for c, m in zip(averages, methods, strict=True)]
+    target = [(c and c.get("target")) or "-" for c in averages]
+    return [("acc 95% CI", acc), ("delta 95% CI", delta), ("target >= -1", target)]
+
+
+def format_interval(ci: list[float] | None, signed: bool = False) -> str:
+    """'78.6..96.4' (accuracy) or '-8.3..+0.0' (signed: a delta); '-' without an interval."""
+    if not ci:
+        return "-"
+    spec = "+.1f" if signed else ".1f"
+    return f"{ci[0]:{spec}}..{ci[1]:{spec}}"
 
 
 def format_cell(cell: dict[str, Any] | None, method: str) -> str:

@@ -58,21 +58,23 @@ def default_cpu_hosts(cores: int | None = None) -> int:
 
 
 def host_notes(device: str, hosts_given: int | None, hosts: int, method: str = "",
-               cores: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+               cores: int | None = None, workers: int | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(notes, warnings) about the host count, for stderr and the JSON: the default of one host that small CPUs
     get (a choice apb made on its own) and more CPU hosts than cores (each host is a process)."""
     if read_env().torchrun is not None:  # the hosts are torchrun's processes, one per rank: nothing was chosen
         return (), ()
     cores = (os.cpu_count() or 1) if cores is None else cores
+    workers = hosts if workers is None else workers
     notes: list[str] = []
     warnings: list[str] = []
     if device == "cpu" and hosts_given is None and hosts == 1 and cores < MIN_CORES_FOR_TWO_HOSTS:
         exact = f"; --method {method} runs exact attention on one host" if method in ("apb", "star") else ""
         notes.append(f"1 host: this machine has {cores} CPU core(s), and below {MIN_CORES_FOR_TWO_HOSTS} one host "
                      f"ran faster than two{exact} (--hosts 2 splits the document anyway)")
-    if device == "cpu" and hosts > cores:
+    if device == "cpu" and hosts > cores and workers > cores:
         warnings.append(f"{hosts} hosts on {cores} CPU core(s): each host is a process with its own model and "
-                        f"threads, so they fight for the cores and run slower; use --hosts {cores} or fewer")
+                        f"threads, so they fight for the cores and run slower; use --hosts {cores} or fewer, or "
+                        f"--workers {cores} to run the {hosts} hosts in {cores} process(es) that take turns")
     return tuple(notes), tuple(warnings)
 
 
@@ -90,23 +92,46 @@ def cuda_count() -> int:
     return torch.cuda.device_count()
 
 
-def resolve_device_hosts(device: str, hosts: int | None, cuda_count: Callable[[], int]) -> tuple[str, int]:
-    """`--device` auto|cpu|cuda and `--hosts` (None: the default) -> the device and host count that run.
+@dataclass(frozen=True)
+class Placement:
+    """Where the hosts run: the device, H hosts in W worker processes (H/W each, taking turns when W < H), and
+    the note apb owes the user when it chose W < H on its own."""
+
+    device: str
+    hosts: int
+    workers: int
+    notes: tuple[str, ...] = ()
+
+
+def resolve_device_hosts(device: str, hosts: int | None, cuda_count: Callable[[], int],
+                         workers: int | None = None) -> Placement:
+    """`--device` auto|cpu|cuda, `--hosts` and `--workers` (None: the defaults) -> the placement that runs.
 
     auto means cuda when a GPU is visible. Default hosts: every visible GPU on cuda, `default_cpu_hosts()` on
-    CPU. `cuda_count` is called only for auto and cuda (it imports torch, which takes a second).
+    CPU. Default workers: one per host, except on cuda with more hosts than GPUs: the most GPUs that divide the
+    hosts, said in a note (the math is the same; the hosts of a GPU run one after the other). `cuda_count` is
+    called only for auto and cuda (it imports torch, which takes a second).
     """
     gpus = cuda_count() if device in ("auto", "cuda") else 0
     if device == "cuda" and gpus == 0:
         raise InputError("--device cuda: no CUDA GPU is visible")
     resolved = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
-    if resolved == "cpu":
-        return resolved, default_cpu_hosts() if hosts is None else hosts
     if hosts is None:
-        return resolved, gpus
-    if hosts > gpus:
-        raise InputError(f"--hosts {hosts} needs {hosts} GPUs but only {gpus} are visible")
-    return resolved, hosts
+        hosts = gpus if resolved == "cuda" else default_cpu_hosts()
+    check_at_least("--workers", workers, 1)
+    if workers is not None:
+        if workers > hosts or hosts % workers:
+            raise InputError(f"--workers {workers} must divide --hosts {hosts} (each worker process runs "
+                             "the same number of hosts)")
+        if resolved == "cuda" and workers > gpus:
+            raise InputError(f"--workers {workers} needs {workers} GPUs but only {gpus} are visible")
+        return Placement(resolved, hosts, workers)
+    if resolved == "cuda" and hosts > gpus:
+        chosen = max(w for w in range(1, gpus + 1) if hosts % w == 0)
+        note = (f"{hosts} hosts on {gpus} GPU(s): {chosen} worker process(es) of {hosts // chosen} hosts each, "
+                "which take turns (the same math; --workers sets it)")
+        return Placement(resolved, hosts, chosen, (note,))
+    return Placement(resolved, hosts, hosts)
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -198,6 +223,7 @@ class AskOptions:
     hosts: int | None
     device: str
     method: str
+    workers: int | None = None  # worker processes (None: one per host; fewer GPUs than hosts: see Placement)
     anchor_len: int | None
     passing_len: int | str | None
     max_new_tokens: int
@@ -231,7 +257,8 @@ class AskOptions:
         check_choice("--device", self.device, DEVICES)
         check_choice("--method", self.method, METHODS)
         check_choice("--truncate", self.truncate, TRUNCATE_MODES)
-        device, hosts = resolve_device_hosts(self.device, self.hosts, cuda_count)
+        placed = resolve_device_hosts(self.device, self.hosts, cuda_count, self.workers)
+        device, hosts = placed.device, placed.hosts
         passing_len = parse_passing_len(self.passing_len)
         check_not_negative("--anchor-len", self.anchor_len)
         check_at_least("--max-new-tokens", self.max_new_tokens, 1)
@@ -247,9 +274,9 @@ class AskOptions:
             raise InputError(f"--seed must be in [0, 2^63) (got {self.seed})")
         check_choice("--dtype", self.dtype, DTYPES)
         compressor = resolve_compressor(self.compressor, self.retaining_heads)
-        notes, warnings = host_notes(device, self.hosts, hosts, self.method)
-        _resolve(self, device=device, hosts=hosts, passing_len=passing_len, notes=notes, warnings=warnings,
-                 compressor=compressor)
+        notes, warnings = host_notes(device, self.hosts, hosts, self.method, workers=placed.workers)
+        _resolve(self, device=device, hosts=hosts, workers=placed.workers, passing_len=passing_len,
+                 notes=placed.notes + notes, warnings=warnings, compressor=compressor)
 
 
 def resolve_compressor(compressor: str | None, retaining_heads: str | None) -> str | None:
@@ -305,6 +332,8 @@ class BenchOptions:
     auto_exact: bool = False
     questions: int = 1
     cite: bool = False
+    workers: int | None = None  # worker processes (None: one per host; fewer GPUs than hosts: see Placement)
+    methods_given: bool = True  # --methods was typed (False: the default list, which may drop ring/ulysses)
     notes: tuple[str, ...] = field(default=(), init=False)  # choices apb made on its own (stderr and JSON)
     warnings: tuple[str, ...] = field(default=(), init=False)
 
@@ -321,7 +350,8 @@ class BenchOptions:
         if any(m not in BENCH_METHODS for m in self.breakdown):
             raise InputError(f"--breakdown takes method names or none (got {','.join(self.breakdown)!r})")
         check_at_least("--hosts", self.hosts, 1)
-        device, hosts = resolve_device_hosts(self.device, self.hosts, cuda_count)
+        placed = resolve_device_hosts(self.device, self.hosts, cuda_count, self.workers)
+        device, hosts = placed.device, placed.hosts
         if self.plot:
             try:
                 import matplotlib  # noqa: F401
@@ -332,10 +362,24 @@ class BenchOptions:
         check_choice("--layout", self.layout, LAYOUTS)
         check_at_least("--questions", self.questions, 1)
         preset = self.preset or (None if self.model else DEFAULT_PRESET if device == "cuda" else DEFAULT_CPU_PRESET)
-        notes, warnings = host_notes(device, self.hosts, hosts)
+        notes, warnings = host_notes(device, self.hosts, hosts, workers=placed.workers)
+        notes = placed.notes + notes
         if not self.preset and not self.model and device == "cpu":
             notes += (f"model shape {preset} (the CPU default; --preset {DEFAULT_PRESET} for the GPU default)",)
-        _resolve(self, device=device, hosts=hosts, preset=preset, notes=notes, warnings=warnings)
+        methods = self.methods
+        if placed.workers < hosts:
+            ring_like = [m for m in self.methods if m in ("ring", "ulysses")]
+            if ring_like and self.methods_given:
+                raise InputError(f"--methods {','.join(ring_like)} need one process per host: use --workers {hosts}"
+                                 " or leave them out")
+            if ring_like:
+                methods = tuple(m for m in self.methods if m not in ring_like)
+                notes += (f"{', '.join(ring_like)} left out: they need one process per host (--workers {hosts})",)
+            if self.decode == "graph":
+                raise InputError("--decode graph needs one process per host (hosts that take turns cannot be "
+                                 f"captured in a CUDA graph): use --workers {hosts} or --decode eager")
+        _resolve(self, device=device, hosts=hosts, workers=placed.workers, preset=preset, notes=notes,
+                 warnings=warnings, methods=methods)
 
     def config(self) -> BenchConfig:
         """The `apb_core.bench.BenchConfig` these options describe (imported here: it pulls in torch)."""
@@ -346,7 +390,7 @@ class BenchOptions:
                            decode_tokens=self.decode_tokens, breakdown=list(self.breakdown), seed=self.seed,
                            threads=self.threads, dtype=None if self.dtype == "auto" else self.dtype,
                            decode=self.decode, layout=self.layout, auto_exact=self.auto_exact,
-                           questions=self.questions, cite=self.cite)
+                           questions=self.questions, cite=self.cite, workers=self.workers)
 
 
 def parse_breakdown(text: str) -> tuple[str, ...]:
@@ -382,6 +426,9 @@ class EvalOptions:
     split_questions: bool = False
     retaining_heads: str | None = None  # safetensors heads file for --compressor retaining_heads
     cite: bool = False  # cite sources; needle tasks record cite_hit
+    workers: int | None = None  # worker processes for every --hosts value (None: one per host, or Placement's)
+    workers_per_hosts: tuple[int, ...] = field(default=(), init=False)  # resolved, one per --hosts value
+    notes: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         check_at_least("--samples", self.samples, 1)
@@ -395,13 +442,16 @@ class EvalOptions:
         passing_len = parse_passing_len(self.passing_len)
         check_at_least("--max-new-tokens", self.max_new_tokens, 1)
         check_at_least("--threads", self.threads, 1)
-        device, _ = resolve_device_hosts(self.device, max(self.hosts), cuda_count)
+        placements = [resolve_device_hosts(self.device, h, cuda_count, self.workers) for h in self.hosts]
+        device = placements[0].device
+        notes = tuple(dict.fromkeys(n for p in placements for n in p.notes))
         out = self.out if self.out is not None else time.strftime("apb-eval-%Y%m%d-%H%M%S.jsonl")
         out_dir = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(out_dir):
             raise InputError(f"--out: the folder {out_dir} does not exist")
         _resolve(self, lengths=tuple(dict.fromkeys(self.lengths)), methods=tuple(dict.fromkeys(self.methods)),
-                 device=device, out=out, passing_len=passing_len, compressor=compressor)
+                 device=device, out=out, passing_len=passing_len, compressor=compressor,
+                 workers_per_hosts=tuple(p.workers for p in placements), notes=notes)
 
     def ablation(self) -> dict[str, Any]:
         """The apb-only settings that differ from the defaults, as `EvalConfig.ablation` takes them."""

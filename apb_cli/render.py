@@ -342,6 +342,7 @@ def result_dict(result: AskResult) -> dict[str, Any]:
         "method": result.method,
         "method_requested": result.method_requested or result.method,
         "hosts": result.hosts,
+        "workers": result.workers,
         "device": result.device,
         "prompt_tokens": result.prompt_tokens,
         "context_tokens": result.context_tokens,
@@ -380,9 +381,7 @@ def citation_place(citation: Citation) -> str:
 
 def citation_dict(citation: Citation) -> dict[str, Any]:
     """One `citations` entry of the JSON: page (PDFs only), line_start, line_end, text, score."""
-    page = {} if citation.page is None else {"page": citation.page}
-    return page | {"line_start": citation.line_start, "line_end": citation.line_end, "text": citation.text,
-                   "score": citation.score}
+    return citation.as_json()
 
 
 def _excerpt(text: str, limit: int = 160) -> str:

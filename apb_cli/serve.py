@@ -35,7 +35,8 @@ def serve(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
     method: Annotated[str, typer.Option("--method", help="apb|star|full (a request's apb.method overrides).")] = "apb",
     cache_gib: Annotated[
-        float, typer.Option("--cache-gib", help="Keep a document's KV on the workers up to this size (0: never).")
+        float, typer.Option("--cache-gib", help="Keep documents' KV on the workers up to this many GiB in all, "
+                                                "least recently used out (0: never).")
     ] = 4.0,
     api_key: Annotated[
         str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes.")
@@ -65,7 +66,10 @@ def run_serve(host: str, port: int, model: str | None, hosts: int | None, device
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty")
     _check_port(host, port)
-    device, hosts = resolve_device_hosts(device, hosts, cuda_count)
+    placed = resolve_device_hosts(device, hosts, cuda_count)
+    device, hosts = placed.device, placed.hosts
+    for note in placed.notes:
+        print(f"apb: note: {note}", file=sys.stderr, flush=True)
     import uvicorn
 
     from apb_core import models
@@ -74,7 +78,7 @@ def run_serve(host: str, port: int, model: str | None, hosts: int | None, device
 
     models.resolve_model(model)
     base = AskRequest(document="", questions=[], model=model, method=method, hosts=hosts, device=device,
-                      threads=threads)
+                      threads=threads, workers=placed.workers)
     print(f"apb: loading the model on {hosts} host(s) ({device}) ...", file=sys.stderr, flush=True)
     engine = ServeEngine(base, int(cache_gib * 2**30), max_queue).open()
     try:

@@ -23,6 +23,7 @@ class AskRequest:
     method: Method = "apb"
     hosts: int = 2
     device: str = "cpu"  # "cpu" or "cuda"
+    workers: int | None = None  # worker processes; None: one per host (fewer: hosts take turns, same answers)
     anchor_len: int | None = None  # None: the default table (apb_core.layout.default_lengths)
     passing_len: int | str | None = None  # int, "all", or None for the default
     max_new_tokens: int = 128
@@ -86,6 +87,13 @@ class Citation:
     score: float
     page: int | None = None
 
+    def as_json(self) -> dict:
+        """One `citations` entry of the JSON (`apb ask --cite --json`, the server's `apb.citations`): page (PDFs
+        only), line_start, line_end, text, score."""
+        page = {} if self.page is None else {"page": self.page}
+        return page | {"line_start": self.line_start, "line_end": self.line_end, "text": self.text,
+                       "score": self.score}
+
 
 @dataclass
 class AskResult:
@@ -119,3 +127,4 @@ class AskResult:
     prefill: int = 0  # which prefill of the run served this answer (0, 1, ...: several answers may share one)
     shared_prefill: bool = False  # that prefill served several questions
     citations: list[Citation] | None = None  # --cite: best first (None: not asked, or offsets unavailable)
+    workers: int = 0  # worker processes that ran the hosts (fewer than hosts: they took turns in each)

@@ -44,12 +44,13 @@ class Session:
         self.hosts = env.torchrun.world_size if env.torchrun else request.hosts
         if self.hosts < 1:
             raise InputError(f"--hosts must be at least 1 (got {self.hosts})")
+        self.workers = min(request.workers or self.hosts, self.hosts)  # worker processes (apb_core.dist.launcher)
         self.source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
         # a GGUF's first run converts it (~20 s), timed apart from tokenizing and announced as its own phase
         self.convert_s = models.prepare(self.source, lambda text: self.emit(Event("phase", phase="convert", text=text)))
         spec = WorkerSpec(
             model=request.model, device=request.device, dtype=request.dtype,
-            threads=request.threads or (default_threads(self.hosts) if request.device == "cpu" else None),
+            threads=request.threads or (default_threads(self.workers) if request.device == "cpu" else None),
             allow_pickle=request.allow_pickle, retaining_heads=request.retaining_heads, env=env,
         )
         # The workers start now and load their models while this process reads the tokenizer and tokenizes:
@@ -57,7 +58,7 @@ class Session:
         import transformers  # noqa: F401  (imported before a fork, the workers inherit it instead of importing it)
 
         self.emit(Event("phase", phase="load"))
-        self.runner = start_hosts(spec, self.hosts, self.emit).start()
+        self.runner = start_hosts(spec, self.hosts, self.emit, self.workers).start()
         try:
             self.emit(Event("phase", phase="tokenize"))
             t0 = time.perf_counter()
@@ -149,7 +150,7 @@ class Session:
             citations = cite(self.tokenizer, document, prompt, lead.context_mass, req.paged)
         return AskResult(
             question=question, answer=lead.answer.strip(), model=self.source.name, method=method.name,
-            hosts=self.hosts, device=self.request.device, prompt_tokens=prompt.total_len,
+            hosts=self.hosts, workers=self.workers, device=self.request.device, prompt_tokens=prompt.total_len,
             context_tokens=prompt.context_len, generated_tokens=len(lead.token_ids),
             anchor_len=method.anchor_len, passing_len=method.passing_len, timings=timings,
             prefill_tokens_per_s=prompt.context_len / max(lead.prefill_s, 1e-9),

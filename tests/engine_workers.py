@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from conftest import tiny_model
 
 from apb_core.algorithm.flops import ModelDims
 from apb_core.algorithm.methods import resolve_method
 from apb_core.runtime.cache import HostCache
-from apb_core.runtime.engine import DecodeCall, HostEngine
+from apb_core.runtime.engine import HostEngine
 from apb_core.runtime.generate import AskJob, run_job
 from apb_core.runtime.prompt import Prompt
 
@@ -17,6 +19,23 @@ def answer(rank, hosts, kind, context_ids, query_ids, methods, question_ids=(), 
     """Run each (method, anchor_len, passing_len[, layout]) on this host; returns [(first_logits, tokens)].
     Layout "balanced" sizes the blocks with the FLOP model of the tiny model (default: equal blocks)."""
     engine = HostEngine(tiny_model(kind), rank, hosts)
+    return answer_on(engine, context_ids, query_ids, methods, question_ids, insert_at, probe_ids)
+
+
+@dataclass
+class AnswerJob:
+    """`answer_on` as a worker job: runs on the worker's own engine (one host per process, or hosts that take
+    turns in one: `--workers`)."""
+
+    args: tuple
+
+    def run(self, host, emit):
+        return answer_on(host.engine, *self.args)
+
+
+def answer_on(engine, context_ids, query_ids, methods, question_ids=(), insert_at=0, probe_ids=()):
+    """`answer`'s body on a given engine."""
+    hosts = engine.hosts
     prompt = Prompt(list(context_ids), list(query_ids), list(question_ids), list(probe_ids), insert_at)
     out = []
     for name, anchor_len, passing_len, *layout in methods:
@@ -43,7 +62,7 @@ def decode_merge(rank, hosts, seed):
     engine.cache = HostCache(1, hkv, d, hi - lo + s, torch.float32, "cpu")
     engine.cache.write(0, 0, k_all[:, :, lo:hi], v_all[:, :, lo:hi])
     engine.cache.length = hi - lo
-    call = DecodeCall(engine.cache, hosts, engine.is_last, group=None)
+    call = engine.decode_call()
     out = call.attend(0, q, k_new, v_new, scale=d**-0.5)
     return out, (q, k_all, v_all, k_new, v_new)
 
@@ -83,3 +102,10 @@ def shared_answers(rank, hosts, spec, context_ids, queries, decode="eager", ques
     shared = run_questions(engine, job, tokenizer=None)
     return ([(r.first_logits, r.token_ids) for r in separate], [(r.first_logits, r.token_ids) for r in shared],
             lengths, engine.context_len)
+
+
+def ask_job(rank, hosts, job, decode="eager"):
+    """An AskJob on this host with the tests' tiny llama (runtime.generate.run_questions)."""
+    from apb_core.runtime.generate import run_questions
+
+    return run_questions(HostEngine(tiny_model("llama"), rank, hosts, decode=decode), job, None)

@@ -253,10 +253,10 @@ def test_document_is_checked_before_the_model(tmp_path: Path, no_model_work: dic
 
 def test_hosts_beyond_visible_gpus(doc: Path, monkeypatch: pytest.MonkeyPatch, no_model_work: Any) -> None:
     monkeypatch.setattr(options, "cuda_count", lambda: 2)
-    line = assert_one_line_error(invoke("ask", str(doc), "q?", "--device", "cuda", "--hosts", "3"))
-    assert "3 GPUs" in line and "2" in line
-    line = assert_one_line_error(invoke("ask", str(doc), "q?", "--hosts", "4"))  # auto resolves to cuda
-    assert "4 GPUs" in line
+    line = assert_one_line_error(invoke("ask", str(doc), "q?", "--device", "cuda", "--hosts", "3", "--workers", "3"))
+    assert "--workers 3 needs 3 GPUs but only 2" in line
+    line = assert_one_line_error(invoke("ask", str(doc), "q?", "--hosts", "4", "--workers", "3"))  # auto: cuda
+    assert "--workers 3 must divide --hosts 4" in line
 
 
 # -- the answer on stdout, everything else on stderr ------------------------------------------------------
@@ -513,15 +513,33 @@ def test_one_cpu_default_for_every_command(monkeypatch: pytest.MonkeyPatch) -> N
     no_gpu = lambda: 0  # noqa: E731
     for cores, hosts in ((1, 1), (2, 1), (3, 1), (4, 2), (64, 2)):
         monkeypatch.setattr(options.os, "cpu_count", lambda cores=cores: cores)
-        assert options.resolve_device_hosts("auto", None, no_gpu) == ("cpu", hosts)
+        assert options.resolve_device_hosts("auto", None, no_gpu) == options.Placement("cpu", hosts, hosts)
     assert options.resolve_device_hosts("cpu", 3, lambda: pytest.fail("cuda_count called for --device cpu")) == (
-        "cpu", 3
+        options.Placement("cpu", 3, 3)
     )
-    assert options.resolve_device_hosts("auto", None, lambda: 4) == ("cuda", 4)
+    assert options.resolve_device_hosts("auto", None, lambda: 4) == options.Placement("cuda", 4, 4)
     with pytest.raises(InputError, match="--device cuda: no CUDA GPU"):
         options.resolve_device_hosts("cuda", None, no_gpu)
-    with pytest.raises(InputError, match="--hosts 3 needs 3 GPUs but only 2"):
-        options.resolve_device_hosts("cuda", 3, lambda: 2)
+
+
+def test_workers_placement() -> None:
+    """--workers: explicit values must divide the hosts and fit the GPUs; more hosts than GPUs picks the most GPUs
+    that divide the hosts and says so; never a silent override of an explicit value."""
+    placed = options.resolve_device_hosts("cuda", 3, lambda: 2)
+    assert (placed.hosts, placed.workers) == (3, 1) and "3 hosts on 2 GPU(s): 1 worker process" in placed.notes[0]
+    placed = options.resolve_device_hosts("cuda", 8, lambda: 2)
+    assert placed.workers == 2 and "2 worker process(es) of 4 hosts each, which take turns" in placed.notes[0]
+    assert options.resolve_device_hosts("cpu", 4, lambda: 0, workers=2) == options.Placement("cpu", 4, 2)
+    assert options.resolve_device_hosts("cpu", 4, lambda: 0, workers=1).notes == ()
+    for hosts, workers, match in ((4, 3, "must divide --hosts 4"), (2, 4, "must divide --hosts 2"),
+                                  (2, 0, "--workers must be at least 1")):
+        with pytest.raises(InputError, match=match):
+            options.resolve_device_hosts("cpu", hosts, lambda: 0, workers=workers)
+    with pytest.raises(InputError, match="--workers 2 needs 2 GPUs but only 1"):
+        options.resolve_device_hosts("cuda", 4, lambda: 1, workers=2)
+    _, warnings = options.host_notes("cpu", 8, 8, cores=2, workers=8)
+    assert "--workers 2" in warnings[0]
+    assert options.host_notes("cpu", 8, 8, cores=2, workers=2) == ((), ())
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """`apb serve` as a user runs it: a real server process on localhost (embedded model, one CPU host) and a real
-HTTP client: health, models, plain and streamed completions, the document cache, bad requests, the API key,
-and SIGTERM (exit 0 within 10 s, no process left)."""
+HTTP client: health, models, plain and streamed completions, the document cache (several documents, evicted
+least recently used first), citations, bad requests, the API key, and SIGTERM (exit 0 within 10 s, no process
+left)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT = (ROOT / "examples" / "sample.md").read_text()
 QUESTION = "What is the secret passcode for the north archive?"
 KEY = "test-key"
+# two short documents for the cache and citation tests (a few hundred tokens: a prefill takes under a second)
+DOC_A = "\n".join(f"Line {i}: the weather in town {i} was mild." for i in range(20)) + (
+    "\nThe secret passcode for the north archive is 7481.\n")
+FACT_LINE_A = 21
+QUESTION_A = "What is the secret passcode for the north archive?"
+QUESTION_A2 = "What is the passcode of the north archive?"
+DOC_B = "\n".join(f"Note {i}: the river number {i} flows east." for i in range(20)) + "\nThe blue door code is 5523.\n"
+QUESTION_B = "What is the blue door code?"
 START_S = 120  # a fresh machine converts the embedded GGUF first (~20 s), then loads
 
 
@@ -31,17 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    try:
-        from apb_core import models
-
-        models.resolve_model(None)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"embedded model not installed: {exc}")
+@contextlib.contextmanager
+def _running_server(*args: str):
+    """A `apb serve` process on a free port (embedded model, one CPU host) and an httpx client with the key;
+    killed with its whole session afterwards."""
     port = _free_port()
     cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts", "1",
-           "--api-key", KEY]
+           "--api-key", KEY, *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -56,13 +62,24 @@ def server():
                 pass
             assert time.monotonic() < deadline, "server not ready in time"
             time.sleep(0.5)
-        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
-        yield proc, client
-        client.close()
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as client:
+            yield proc, client
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    try:
+        from apb_core import models
+
+        models.resolve_model(None)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"embedded model not installed: {exc}")
+    with _running_server() as running:
+        yield running
 
 
 def _chat(question: str, document: str = DOCUMENT, **extra) -> dict:
@@ -188,6 +205,74 @@ def test_ask_with_server_prints_the_same_json(server):
     assert wrong.returncode == 2 and "401" in wrong.stderr and wrong.stdout == ""
 
 
+def _ask(client, document: str, question: str) -> dict:
+    reply = client.post("/v1/chat/completions", json=_chat(question, document=document, max_tokens=8))
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_cache_keeps_several_documents_least_recently_used_out(server):
+    """Documents A and B asked in turn, then A again: A's KV was kept beside B's (a hit, and the answer a fresh
+    server gives to that request); a --cache-gib that fits one document evicts A for B (a miss)."""
+    _, client = server
+    before = client.get("/health").json()["cache"]
+    assert _ask(client, DOC_A, QUESTION_A)["apb"]["cache_hit"] is False
+    one_doc = client.get("/health").json()["cache"]["bytes"] - before["bytes"]
+    assert one_doc > 0
+    assert _ask(client, DOC_B, QUESTION_B)["apb"]["cache_hit"] is False
+    again = _ask(client, DOC_A, QUESTION_A2)
+    assert again["apb"]["cache_hit"] is True and again["apb"]["result"]["timings"]["prefill_s"] == 0.0
+    cache = client.get("/health").json()["cache"]
+    assert (cache["hits"], cache["misses"]) == (before["hits"] + 1, before["misses"] + 2)
+    assert cache["entries"] == before["entries"] + 2 and cache["bytes"] <= cache["limit_bytes"]
+    with _running_server("--cache-gib", f"{1.5 * one_doc / 2**30:.6f}") as (_, small):
+        fresh = _ask(small, DOC_A, QUESTION_A2)
+        assert fresh["apb"]["cache_hit"] is False
+        assert fresh["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+        assert _ask(small, DOC_B, QUESTION_B)["apb"]["cache_hit"] is False
+        evicted = _ask(small, DOC_A, QUESTION_A2)
+        assert evicted["apb"]["cache_hit"] is False
+        assert evicted["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+        cache = small.get("/health").json()["cache"]
+        assert (cache["hits"], cache["misses"], cache["entries"]) == (0, 3, 1)
+        assert 0 < cache["bytes"] <= cache["limit_bytes"]
+
+
+def _sources(stderr: str) -> str:
+    """The `Sources` block of `apb ask --cite`'s stderr (up to the timing table)."""
+    return stderr[stderr.index("Sources"):stderr.index("Timings")]
+
+
+def test_citations_from_the_server_match_a_local_run(server, tmp_path):
+    """`"apb": {"cite": true}`: the response's apb.citations (plain and in the streamed final chunk) put the
+    fact's line first; `apb ask --server --cite` prints and returns what a local `apb ask --cite` does."""
+    _, client = server
+    body = _chat(QUESTION_A, document=DOC_A, max_tokens=16, apb={"cite": True})
+    plain = client.post("/v1/chat/completions", json=body).json()
+    assert "7481" in plain["choices"][0]["message"]["content"]
+    citations = plain["apb"]["citations"]
+    assert citations and all(set(c) == {"line_start", "line_end", "text", "score"} for c in citations)
+    assert citations[0]["line_start"] <= FACT_LINE_A <= citations[0]["line_end"], citations
+    assert [c["score"] for c in citations] == sorted((c["score"] for c in citations), reverse=True)
+    assert plain["apb"]["result"]["citations"] == [dict(c, page=None) for c in citations]
+    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert [e["apb"]["citations"] for e in events if "apb" in e] == [citations]
+    path = tmp_path / "notes.txt"
+    path.write_text(DOC_A)
+    cmd = [sys.executable, "-m", "apb_cli.main", "ask", str(path), QUESTION_A, "--cite", "--json",
+           "--max-new-tokens", "16", "--hosts", "1", "--device", "cpu"]
+    remote = subprocess.run([*cmd, "--server", str(client.base_url), "--api-key", KEY], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    local = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    got, want = json.loads(remote.stdout), json.loads(local.stdout)
+    assert (got["answer"], got["citations"]) == (want["answer"], want["citations"])
+    assert got["citations"][0]["line_start"] <= FACT_LINE_A <= got["citations"][0]["line_end"]
+    assert _sources(remote.stderr) == _sources(local.stderr)
+
+
 def test_sigterm_exits_cleanly(server):
     proc, client = server
     assert client.get("/health").status_code == 200
@@ -221,7 +306,7 @@ def _children(pid: int) -> list[int]:
 
 def test_killed_worker_is_503_then_the_server_recovers():
     """Two CPU hosts (worker processes): SIGKILL one, the next request gets 503, the workers restart, the one
-    after is answered; SIGTERM still exits 0."""
+    after is answered (and kept: asked again, a cache hit); SIGTERM still exits 0."""
     port = _free_port()
     cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts", "2",
            "--threads", "1"]
@@ -256,6 +341,11 @@ def test_killed_worker_is_503_then_the_server_recovers():
         answered = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
         assert answered.status_code == 200, answered.text
         assert answered.json()["usage"]["completion_tokens"] >= 1
+        # the new workers keep the document (parked on both hosts): the same request again is a hit
+        assert httpx.get(f"{url}/health").json()["cache"]["entries"] == 1
+        cached = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        assert cached["apb"]["cache_hit"] is True
+        assert cached["choices"][0]["message"]["content"] == answered.json()["choices"][0]["message"]["content"]
         # SIGTERM while a request runs: that request gets 503, the server exits 0 within 10 s
         long = dict(body, messages=[{"role": "system", "content": DOCUMENT}, body["messages"][1]], max_tokens=400)
         replies: list = []
@@ -273,6 +363,68 @@ def test_killed_worker_is_503_then_the_server_recovers():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+def test_document_cache_plans_lru_by_bytes():
+    """The launcher's plans: a kept document is a hit while its room lasts; a new one evicts the least recently
+    used until it fits; one over the limit is not kept and evicts nothing; no cache touches nothing."""
+    from apb_core.serve.cache import DocumentCache, Entry
+
+    cache = DocumentCache(limit_bytes=250)
+    for key in ("a", "b"):
+        plan = cache.plan(key, 10, Entry(100, 50))
+        assert (plan.hit, plan.keep, plan.drop) == (False, True, ())
+        cache.done(plan)
+    hit = cache.plan("a", 10, Entry(100, 50))
+    assert hit.hit and not hit.drop
+    cache.done(hit)  # a is the most recent now: b goes first
+    new = cache.plan("c", 10, Entry(100, 50))
+    assert (new.keep, new.drop) == (True, ("b",))
+    cache.done(new)
+    assert list(cache.entries) == ["a", "c"] and cache.nbytes == 200
+    big = cache.plan("d", 10, Entry(300, 50))
+    assert (big.hit, big.keep, big.drop) == (False, False, ())
+    cache.done(big)
+    unkept = cache.plan("c", 10, None)  # "apb": {"cache": false}
+    assert (unkept.hit, unkept.keep, unkept.drop) == (False, False, ())
+    short = cache.plan("a", 60, Entry(120, 70))  # a's room (50) is too small: prefilled again, in its place
+    assert (short.hit, short.keep, short.drop) == (False, True, ("a",))
+    cache.done(short)
+    assert list(cache.entries) == ["c", "a"] and cache.nbytes == 220
+    assert cache.stats() == {"hits": 1, "misses": 5, "entries": 2, "bytes": 220, "limit_bytes": 250}
+    cache.forget()
+    assert not cache.entries and cache.nbytes == 0
+
+
+def test_serve_jobs_park_resume_and_drop_the_hosts_kv():
+    """ServeJob on one in-process host (tiny random model): A and B prefilled and parked, then a question over
+    A's parked KV gives the logits and tokens of A's own prefill; a dropped key's KV is freed."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from conftest import tiny_model, tokens
+
+    from apb_core.algorithm.methods import resolve_method
+    from apb_core.dist.faults import NO_FAULTS
+    from apb_core.runtime.engine import HostEngine
+    from apb_core.runtime.generate import AskJob
+    from apb_core.runtime.prompt import Prompt
+    from apb_core.runtime.reuse import ServeJob
+
+    host = SimpleNamespace(engine=HostEngine(tiny_model()), tokenizer=None, faults=NO_FAULTS)
+
+    def run(seed: int, key: str, **plan):
+        prompt = Prompt(tokens(seed, 40), tokens(99, 5), [], [], 0)
+        job = AskJob(prompt, resolve_method("full", 40, 1), max_new_tokens=6)
+        return ServeJob(job, key, **plan).run(host, lambda event: None)[0]
+
+    first = run(1, "a", keep=True)
+    run(2, "b", keep=True)
+    assert sorted(host.engine.parked) == ["a", "b"] and host.engine.cache is None
+    again = run(1, "a", reuse=True)
+    assert again.prefill_s == 0.0 and again.token_ids == first.token_ids
+    assert torch.equal(again.first_logits, first.first_logits)
+    run(3, "c", keep=True, drop=("b",))
+    assert sorted(host.engine.parked) == ["a", "c"]
 
 
 def test_a_full_queue_is_busy():

@@ -1,6 +1,6 @@
 """Passing: all-gather every host's compressed K|V; host h keeps the blocks of hosts < h, in host order.
 
-One `all_gather_into_tensor` per layer of a packed [Hkv, l_p, 2D] tensor. Hosts with fewer kept tokens (a
+One all-gather (apb_core.dist.comm) per layer of a packed [Hkv, l_p, 2D] tensor. Hosts with fewer kept tokens (a
 short block in exact mode) pad their slot; the receiver slices each slot to the sender's true count, which
 every host knows from the layout. Passing KV lives only inside this layer's attention: it is never cached.
 """
@@ -8,26 +8,16 @@ every host knows from the layout. Passing KV lives only inside this layer's atte
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def all_gather_packed(send: torch.Tensor, hosts: int, group=None) -> torch.Tensor:
-    """send [...] on every host -> [hosts, ...] stacked in rank order."""
-    send = send.contiguous()
-    out = send.new_empty((hosts * send.shape[0], *send.shape[1:]))  # the concatenated form (gloo wants it)
-    _gather(out, send, group=group)
-    return out.view(hosts, *send.shape)
+from apb_core.dist.comm import Comm
 
 
 def exchange_passing(
-    k_sel: torch.Tensor, v_sel: torch.Tensor, counts: list[int], rank: int, group=None
+    k_sel: torch.Tensor, v_sel: torch.Tensor, counts: list[int], rank: int, comm: Comm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k_sel, v_sel [B, Hkv, slot, D] (padded to the largest count) -> passing K, V [B, Hkv, sum(counts[:rank]), D]."""
-    hosts = len(counts)
     d = k_sel.shape[-1]
-    gathered = all_gather_packed(torch.cat([k_sel, v_sel], dim=-1), hosts, group)  # [H, B, Hkv, slot, 2D]
+    gathered = comm.all_gather(torch.cat([k_sel, v_sel], dim=-1))  # [H, B, Hkv, slot, 2D]
     blocks = [gathered[h, :, :, : counts[h]] for h in range(rank)]
     if not blocks:
         empty = k_sel[:, :, :0]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from apb_core.algorithm.attention import merge_partials
 from apb_core.algorithm.layout import split_blocks
+from apb_core.dist.comm import process_group
 from kernels import attention_with_lse
 
 
@@ -93,13 +94,14 @@ def ring_prefill(call, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Exact causal attention of this host's zigzag chunks against the whole context, K/V passed on a ring.
 
     q: [B, Hq, S, D], k, v: [B, Hkv, S, D] with S = this host's two chunks. Returns out [B, Hq, S, D].
-    `call` is the engine's PrefillCall: `call.plan` a ZigzagPlan, `call.group` the process group (None: default).
+    `call` is the engine's PrefillCall: `call.plan` a ZigzagPlan, `call.comm` one host per process
+    (its `group`; None: the default group).
     """
     plan: ZigzagPlan = call.plan
     hosts, rank = plan.hosts, plan.rank
     if hosts == 1:
         return attention_with_lse(q, k, v, causal=True, scale=scale)[0]
-    group = call.group
+    group = process_group(call.comm, "ring")
     send_to, recv_from = (rank + 1) % hosts, (rank - 1) % hosts
     if group is not None:
         send_to, recv_from = dist.get_global_rank(group, send_to), dist.get_global_rank(group, recv_from)

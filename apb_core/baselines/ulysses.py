@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from apb_core.algorithm.layout import split_blocks
+from apb_core.dist.comm import process_group
 from kernels import attention_with_lse
 
 
@@ -116,10 +117,11 @@ def ulysses_prefill(call, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch
     lens = [end - start for start, end in plan.bounds]
     (qa, qb), (ka, kb) = groups[rank]
     my_q, my_kv = qb - qa, kb - ka
+    pg = process_group(call.comm, "ulysses")
 
     with call.timer.region("all-to-all"):
         parts = [[q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]] for (qs, qe), (ks, ke) in groups]
-        pieces = _a2a(parts, [b * n * d * (my_q + 2 * my_kv) for n in lens], call.group)
+        pieces = _a2a(parts, [b * n * d * (my_q + 2 * my_kv) for n in lens], pg)
         qs_, ks_, vs_ = [], [], []
         for n, piece in zip(lens, pieces, strict=True):
             q_part, k_part, v_part = piece.split([b * my_q * n * d, b * my_kv * n * d, b * my_kv * n * d])
@@ -137,6 +139,6 @@ def ulysses_prefill(call, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch
     with call.timer.region("all-to-all"):
         starts = [start for start, _ in plan.bounds]
         back = [[out_full[:, :, s : s + n]] for s, n in zip(starts, lens, strict=True)]
-        pieces = _a2a(back, [b * (qe - qs) * lens[rank] * d for (qs, qe), _ in groups], call.group)
+        pieces = _a2a(back, [b * (qe - qs) * lens[rank] * d for (qs, qe), _ in groups], pg)
         outs = [piece.view(b, qe - qs, lens[rank], d) for piece, ((qs, qe), _) in zip(pieces, groups, strict=True)]
         return torch.cat(outs, dim=1)

@@ -23,6 +23,7 @@ from apb_core.algorithm.methods import PassingSpec, resolve_method
 from apb_core.api import Event
 from apb_core.baselines.ring import ring_pairs, ring_prefill, zigzag_plans
 from apb_core.baselines.ulysses import block_plans, ulysses_pairs, ulysses_prefill
+from apb_core.dist.local_hosts import Op
 from apb_core.runtime.attention_mass import cite_layers
 from apb_core.runtime.engine import HostEngine
 from apb_core.runtime.generate import decode
@@ -94,6 +95,8 @@ class HostRun:
     breakdown: dict[str, float] | None = None
     auto_exact: bool = False  # apb ran the exact layout (bench --auto-exact)
     question_query_s: list[float] = field(default_factory=list)  # each question's query phase (the first: query_s)
+    # hosts taking turns in one process (bench --workers 1): each timed prefill's ledger (bench.projection)
+    prefill_ops: list[list[Op]] = field(default_factory=list)
 
 
 @dataclass
@@ -170,22 +173,27 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
     reserve = len(prompt.query_ids) + job.decode_tokens + 2
     run = HostRun(method, rank, target is not None, [], 0.0, [])
     call = None
+    turns = getattr(engine.comm, "shared", None)  # LocalHosts: the hosts take turns in this process
+    ledger = turns if turns is not None and turns.count == hosts and turns.timed else None  # all of them: W = 1
     for i in range(1 + job.repeat):
         if emit is not None and rank == 0:
             emit(Event("progress", phase="bench", done=i, total=1 + job.repeat, text=f"{method} {job.length}"))
-        barrier(engine.device, hosts, engine.group)
+        barrier(engine.device, hosts, engine.comm)
+        mark = len(ledger.ops) if ledger is not None else 0
         t0 = time.perf_counter()
         if target is not None:
             call = _prefill(target, setup, prompt, reserve)
             sync(target.device)
         host_s = time.perf_counter() - t0
-        barrier(engine.device, hosts, engine.group)
+        barrier(engine.device, hosts, engine.comm)
         total = time.perf_counter() - t0
         if i == 0:
             run.warmup_s = total
         else:
             run.prefill_s.append(total)
             run.host_prefill_s.append(host_s)
+            if ledger is not None and rank == 0:
+                run.prefill_ops.append(ledger.ops[mark:])
     if target is not None:
         plan = setup.plan
         run.tokens = int(plan.position_ids().shape[1])
@@ -198,6 +206,7 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
             target.rewind()
             if target.mass is not None:
                 target.mass.reset()
+            barrier(target.device, target.hosts, target.comm)  # as ask does (generate.answer_question)
             decoded = decode(target, question.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
                              lambda logits: int(logits.argmax()))
             target.gather_mass()  # as ask does after each answer (not in token_s)
@@ -206,10 +215,10 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
             if i == 0:
                 run.logits, run.query_s = decoded.first_logits, decoded.query_s
                 run.generated = decoded.tokens[: job.decode_tokens]
-    barrier(engine.device, hosts, engine.group)
+    barrier(engine.device, hosts, engine.comm)
     if method in job.breakdown and target is not None:
         run.breakdown = _breakdown(target, setup, prompt, reserve)
-    barrier(engine.device, hosts, engine.group)
+    barrier(engine.device, hosts, engine.comm)
     if engine.device.type == "cuda":
         run.peak_bytes = int(torch.cuda.max_memory_allocated(engine.device))
     _release(engine, target)
@@ -223,7 +232,7 @@ def _breakdown(engine: HostEngine, setup: MethodSetup, prompt: Prompt, reserve: 
     timer = PhaseTimer(engine.device)
     handles = timer.hook(engine.model)
     try:
-        barrier(engine.device, engine.hosts, engine.group)
+        barrier(engine.device, engine.hosts, engine.comm)
         t0 = time.perf_counter()
         _prefill(engine, setup, prompt, reserve, timer)
         sync(engine.device)

@@ -8,6 +8,7 @@ from typing import Any
 
 from apb_core.algorithm.flops import ModelDims
 from apb_core.bench.host import BenchJob, HostRun
+from apb_core.bench.projection import PROJECTED_LINK_GIBPS, project
 
 EXACT_METHODS = ("hf", "single", "ring", "ulysses", "full")
 REFERENCE = "single"  # exact attention on one host: the speed and logits every method is compared with
@@ -34,8 +35,26 @@ def _compare_with_reference(rows: list[dict[str, Any]], lead_runs: list[HostRun]
         row[f"same_tokens_as_{REFERENCE}"] = run.generated == ref_run.generated
 
 
-def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims) -> list[dict[str, Any]]:
-    """One JSON-ready row per method from every host's runs at one length."""
+def _projected(prefills: list[list], link_gibps: float, one_answer_s: float | None,
+               measured_s: float | None) -> dict[str, Any]:
+    """The projected H-device prefill (median over the timed runs, the run whose projection is the median)."""
+    runs = sorted((project(ops, link_gibps) for ops in prefills), key=lambda p: p.prefill_s)
+    mid = runs[(len(runs) - 1) // 2]
+    return {
+        "prefill_s": mid.prefill_s,
+        "compute_s": mid.compute_s,
+        "comm_s": mid.comm_s,
+        "host_busy_s": mid.host_busy_s,
+        "link_gibps": link_gibps,
+        "note": "projected: the slowest host of each segment between collectives plus the all-gathers at "
+                f"{link_gibps:g} GiB/s, from hosts that took turns on one device (apb_core.bench.projection)",
+    }
+
+
+def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims,
+              link_gibps: float = PROJECTED_LINK_GIBPS) -> list[dict[str, Any]]:
+    """One JSON-ready row per method from every host's runs at one length (with `projected` when the hosts took
+    turns in one process: apb_core.bench.projection, at `link_gibps`)."""
     rows = []
     exact = dims.exact_flops(job.length)
     for m, method in enumerate(job.methods):
@@ -86,6 +105,8 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims) -> 
             "passing_received": critical.passing_received,
             "block_len": [r.block_len for r in active],
         }
+        if lead.prefill_ops:
+            row["projected"] = _projected(lead.prefill_ops, link_gibps, one_answer_s, seconds)
         with_breakdown = [r for r in active if r.breakdown]
         if with_breakdown:
             row["breakdown_ms"] = {str(r.rank): {k: v * 1e3 for k, v in r.breakdown.items()} for r in with_breakdown}

@@ -48,6 +48,7 @@ import torch
 from apb_core.algorithm.flops import ModelDims
 from apb_core.api import Event
 from apb_core.bench.host import INSERT_AT, QUERY_LEN, BenchJob, HostRun
+from apb_core.bench.projection import PROJECTED_LINK_GIBPS
 from apb_core.bench.report import summarise
 from apb_core.dist.env import read_env
 from apb_core.dist.launcher import start_hosts
@@ -90,6 +91,8 @@ class BenchConfig:
     auto_exact: bool = False  # time what `apb ask --method apb` would run (exact where about as cheap)
     questions: int = 1  # questions answered over each prefill (`apb ask -q A -q B ...`)
     cite: bool = False  # decode collects the attention mass for citations (`apb ask --cite`)
+    workers: int | None = None  # worker processes (None: one per host); fewer: hosts take turns, rows projected
+    link_gibps: float = PROJECTED_LINK_GIBPS  # the all-gather bandwidth a projected prefill assumes
 
 
 @dataclass
@@ -123,14 +126,20 @@ def validate(config: BenchConfig, dims: ModelDims) -> None:
     for length in config.lengths:
         if length < 2 * config.hosts or length < 2 * INSERT_AT:
             raise InputError(f"--len {length} is too short for {config.hosts} hosts")
+    workers = config.workers or config.hosts
+    if workers < 1 or config.hosts % workers:
+        raise InputError(f"--workers {workers} must divide --hosts {config.hosts}")
+    ring_like = [m for m in config.methods if m in ("ring", "ulysses")]
+    if workers < config.hosts and ring_like:
+        raise InputError(f"{', '.join(ring_like)} need one process per host: use --workers {config.hosts}")
     if "ulysses" in config.methods and dims.q_heads < config.hosts:
         raise InputError(f"ulysses needs a query head per host: the model has {dims.q_heads}, --hosts {config.hosts}")
 
 
-def _machine(device: str, hosts: int) -> dict[str, Any]:
+def _machine(device: str, hosts: int, workers: int) -> dict[str, Any]:
     from kernels import backend_name
 
-    info: dict[str, Any] = {"device": device, "hosts": hosts, "torch": torch.__version__,
+    info: dict[str, Any] = {"device": device, "hosts": hosts, "workers": workers, "torch": torch.__version__,
                             "attention_backend": backend_name(device)}
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -160,10 +169,11 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
     env = read_env()
     if not env.collective_timeout_given:
         env = dataclasses.replace(env, collective_timeout_s=BENCH_COLLECTIVE_TIMEOUT_S)
-    threads = config.threads or (max(1, (os.cpu_count() or 1) // config.hosts) if config.device == "cpu" else None)
+    workers = config.workers or config.hosts
+    threads = config.threads or (max(1, (os.cpu_count() or 1) // workers) if config.device == "cpu" else None)
     spec = WorkerSpec(model=None if config.preset else config.model, preset=config.preset, device=config.device,
                       dtype=config.dtype, threads=threads, allow_pickle=config.allow_pickle, seed=config.seed,
-                      decode=config.decode, env=env)
+                      decode=config.decode, env=env, timed=workers < config.hosts)
     engine_methods = [m for m in config.methods if m != "hf"]
     jobs = [BenchJob(length, random_tokens(length, dims.vocab, config.seed, config.questions), engine_methods,
                      config.repeat, config.decode_tokens, list(config.breakdown), dims, config.layout,
@@ -171,7 +181,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
             for length in config.lengths]
     engine_runs: list[list[list[HostRun]]] = []
     if engine_methods:
-        with start_hosts(spec, config.hosts, emit) as runner:
+        with start_hosts(spec, config.hosts, emit, workers) as runner:
             for job in jobs:
                 emit(Event("phase", phase="bench", text=f"{job.length} tokens"))
                 engine_runs.append(runner.run(job))
@@ -188,7 +198,7 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
         per_length.append((job, per_host))
     rows, logits, generated = [], {}, {}
     for job, per_host in per_length:
-        length_rows = summarise(job, per_host, dims)
+        length_rows = summarise(job, per_host, dims, config.link_gibps)
         rows += length_rows
         for run in per_host[0]:
             logits[(run.method, job.length)] = run.logits
@@ -197,9 +207,10 @@ def run_bench(config: BenchConfig, on_event: Callable[[Event], None] | None = No
            "preset": config.preset, "model": config.model, "repeat": config.repeat,
            "decode_tokens": config.decode_tokens, "decode": config.decode, "layout": config.layout,
            "auto_exact": config.auto_exact, "questions": config.questions, "cite": config.cite,
+           "workers": workers, "link_gibps": config.link_gibps if workers < config.hosts else None,
            "seed": config.seed, "query_len": QUERY_LEN,
            "dims": dims.__dict__}
-    return BenchReport(cfg, _machine(config.device, config.hosts), rows, logits, generated)
+    return BenchReport(cfg, _machine(config.device, config.hosts, workers), rows, logits, generated)
 
 
 def bench_hf(config: BenchConfig, jobs: list[BenchJob], emit: Callable[[Event], None]) -> list[HostRun]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from apb_core.api import Event
 from apb_core.dist.failures import OOM_EXIT_CODE, describe_oom, is_oom
-from apb_core.dist.worker import WorkerSpec, device_for, init_group, load_host, worker_main
+from apb_core.dist.worker import WorkerSpec, device_for, init_group, load_hosts, worker_main
 from apb_core.errors import WorkerError
 
 POLL_S = 0.1
@@ -50,14 +50,19 @@ def default_start_method(device: str) -> str:
 
 
 class Workers:
-    """H worker processes (`worker_main`) that keep their model loaded across jobs. Use as a context manager;
+    """W worker processes (`worker_main`) running H hosts (W = H by default; W < H: H/W hosts per process that
+    take turns, apb_core.dist.local_hosts) that keep their model loaded across jobs. Use as a context manager;
     `start()` first lets the caller work (read and tokenize the document) while the workers import and load."""
 
     name = "apb-worker"
 
     def __init__(self, spec: WorkerSpec, hosts: int, on_event: Callable[[Event], None] | None = None,
-                 start_method: str | None = None) -> None:
+                 start_method: str | None = None, workers: int | None = None) -> None:
         self.spec, self.hosts = spec, hosts
+        self.workers = workers or hosts
+        if self.workers < 1 or hosts % self.workers:
+            raise ValueError(f"--workers {self.workers} must divide --hosts {hosts}")
+        self.per_worker = hosts // self.workers
         self.timeout_s = spec.env.collective_timeout_s
         self.on_event = on_event or (lambda e: None)
         method = start_method or spec.env.start_method or default_start_method(spec.device)
@@ -72,13 +77,14 @@ class Workers:
         if self.procs:
             return self
         self.events = self.ctx.Queue()
-        self.jobs = [self.ctx.Queue() for _ in range(self.hosts)]
+        self.jobs = [self.ctx.Queue() for _ in range(self.workers)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
         try:  # a failure or Ctrl-C while starting must not leave workers behind: `with` calls no __exit__ here
-            for rank in range(self.hosts):
+            for index in range(self.workers):
                 p = self.ctx.Process(
-                    target=worker_main, args=(rank, self.hosts, self.spec, init_method, self.jobs[rank], self.events),
-                    name=f"{self.name}-{rank}", daemon=True,
+                    target=worker_main,
+                    args=(index, self.hosts, self.workers, self.spec, init_method, self.jobs[index], self.events),
+                    name=f"{self.name}-{index}", daemon=True,
                 )
                 p.start()
                 self.procs.append(p)
@@ -164,9 +170,10 @@ class Workers:
                     f"while worker {layers.index(lead)} reached layer {lead} (APB_COLLECTIVE_TIMEOUT sets the limit)"
                 )
 
-    def _died(self, rank: int) -> WorkerError:
-        """The error for a worker that died without a word."""
-        code = self.procs[rank].exitcode
+    def _died(self, index: int) -> WorkerError:
+        """The error for worker process `index` that died without a word (named by its first host's rank)."""
+        rank = index * self.per_worker
+        code = self.procs[index].exitcode
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         alive = [str(r) for r, p in enumerate(self.procs) if p.exitcode is None]
         if code == -signal.SIGKILL:  # what the kernel's OOM killer (or a cgroup memory limit) sends
@@ -194,8 +201,9 @@ class Workers:
                 continue
             if msg[0] == "error":
                 errors.setdefault(msg[1], msg[2])
-        silent = [r for r, p in enumerate(self.procs) if p.exitcode is not None and r not in errors]
-        stuck = [r for r, p in enumerate(self.procs) if p.exitcode is None and r not in errors]
+        failed = {r // self.per_worker for r in errors}  # worker processes, by index
+        silent = [i for i, p in enumerate(self.procs) if p.exitcode is not None and i not in failed]
+        stuck = [i * self.per_worker for i, p in enumerate(self.procs) if p.exitcode is None and i not in failed]
         if silent:
             died = self._died(silent[0])
             self.stop()
@@ -211,7 +219,7 @@ class Workers:
         raise WorkerError(f"worker {rank} failed: {text}{also}")
 
     def _check_alive(self) -> None:
-        for rank, p in enumerate(self.procs):
+        for index, p in enumerate(self.procs):
             if p.exitcode is not None:
                 # give its error message (if any) a moment to arrive before reporting a bare death
                 deadline = time.monotonic() + 0.5
@@ -222,7 +230,7 @@ class Workers:
                         continue
                     if msg[0] == "error":
                         self._fail(msg[1], msg[2])
-                died = self._died(rank)
+                died = self._died(index)
                 self.stop()
                 raise died
 
@@ -277,7 +285,7 @@ class InlineHost:
         device = device_for(self.spec, self.local_rank)
         init_group(self.rank, self.hosts, device, "env://", self.spec.env.collective_timeout_s)
         try:
-            self.host = load_host(self.spec, self.rank, self.hosts, device)
+            self.host = load_hosts(self.spec, self.rank, 1, self.hosts, device).hosts[0]
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -303,8 +311,10 @@ class InlineHost:
             raise WorkerError(describe_oom(exc, self.rank, self.hosts, self.host.engine, context)) from None
 
 
-def start_hosts(spec: WorkerSpec, hosts: int, on_event: Callable[[Event], None] | None = None) -> Workers | InlineHost:
-    """The runner for `hosts` hosts: this process for one host or under torchrun, else H worker processes."""
+def start_hosts(spec: WorkerSpec, hosts: int, on_event: Callable[[Event], None] | None = None,
+                workers: int | None = None) -> Workers | InlineHost:
+    """The runner for `hosts` hosts: this process for one host or under torchrun, else `workers` worker
+    processes (default: one per host)."""
     if hosts == 1 or spec.env.torchrun is not None:
         return InlineHost(spec, on_event)
-    return Workers(spec, hosts, on_event)
+    return Workers(spec, hosts, on_event, workers=workers)

@@ -1,6 +1,7 @@
 """What one worker process does: join the group, load the model once, run jobs until told to stop.
 
-There is one worker loop for every command. A job is any picklable object with
+There is one worker loop for every command. A worker runs one host, or H/W hosts that share its model and take
+turns (`--workers W`, apb_core.dist.local_hosts). A job is any picklable object with
 `run(host: Host, emit) -> result`: `apb ask`'s `AskJob` (apb_core.runtime.generate) and `apb bench`'s
 `BenchJob` (apb_core.bench.host) both are, and so will the server's be. The same `Host` runs in this process
 for one host or a torchrun rank (apb_core.dist.launcher.InlineHost).
@@ -45,6 +46,7 @@ class WorkerSpec:
     allow_pickle: bool = False
     seed: int = 0
     decode: str = "auto"  # how one-token decode steps run (apb_core.runtime.engine.DECODE_MODES)
+    timed: bool = False  # hosts sharing a process keep a ledger of their compute per collective (bench)
     env: Env = field(default_factory=read_env)
 
 
@@ -76,14 +78,13 @@ def init_group(rank: int, hosts: int, device: torch.device, init_method: str | N
     )
 
 
-def load_host(spec: WorkerSpec, rank: int, hosts: int, device: torch.device) -> Host:
-    """Load this host's model (random weights for a preset) into an engine."""
+def load_model(spec: WorkerSpec, device: torch.device) -> tuple[Any, Any]:
+    """The model (random weights for a preset) with apb's attention, and its tokenizer (None for a preset)."""
     from transformers.utils import logging as hf_logging
 
     from apb_core import models
-    from apb_core.runtime.engine import HostEngine, register_attention
+    from apb_core.runtime.engine import register_attention
 
-    t0 = time.perf_counter()
     hf_logging.disable_progress_bar()  # stderr belongs to apb's own progress display
     hf_logging.set_verbosity_error()
     if spec.threads and device.type == "cpu":
@@ -91,41 +92,97 @@ def load_host(spec: WorkerSpec, rank: int, hosts: int, device: torch.device) -> 
     dtype = models.resolve_dtype(device, spec.dtype)
     name = register_attention()
     if spec.preset:
-        model = models.build_random_model(spec.preset, device, dtype, attn_implementation=name, seed=spec.seed)
-        tokenizer = None
+        return models.build_random_model(spec.preset, device, dtype, attn_implementation=name, seed=spec.seed), None
+    source = models.resolve_model(spec.model, allow_pickle=spec.allow_pickle)
+    model = models.load_model(source, device=device, dtype=dtype, attn_implementation=name)
+    return model, models.load_tokenizer(source)
+
+
+@dataclass
+class LocalSet:
+    """The hosts of this process: one (one host per process), or H/W sharing the model and taking turns
+    (apb_core.dist.local_hosts). `run` runs a job on each and returns their results in rank order."""
+
+    hosts: list[Host]
+    turns: Any = None  # LocalHosts when several hosts share this process
+    device: torch.device | None = None
+
+    @property
+    def first_rank(self) -> int:
+        return self.hosts[0].engine.rank
+
+    def run(self, job, emit) -> list:
+        if self.turns is None:
+            return [job.run(self.hosts[0], emit)]
+        from apb_core.dist.local_hosts import run_in_turn
+
+        device = self.device
+
+        def set_device() -> None:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+
+        return run_in_turn(self.turns, self.hosts, job, emit, set_device)
+
+
+def load_hosts(spec: WorkerSpec, first: int, count: int, hosts: int, device: torch.device,
+               outer: Any = None) -> LocalSet:
+    """Load the model once and build the engines of hosts first .. first + count - 1 of `hosts`. outer: the
+    ProcessComm of the worker processes when several hosts share each of them (None: W = 1 or W = H)."""
+    from apb_core.dist.comm import ProcessComm
+    from apb_core.dist.local_hosts import LocalHosts
+    from apb_core.runtime.engine import HostEngine
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(spec, device)
+    turns = None
+    if count == 1:
+        comms = [ProcessComm(first, hosts)]
     else:
-        source = models.resolve_model(spec.model, allow_pickle=spec.allow_pickle)
-        model = models.load_model(source, device=device, dtype=dtype, attn_implementation=name)
-        tokenizer = models.load_tokenizer(source)
-    engine = HostEngine(model, rank, hosts, retaining_heads=spec.retaining_heads, decode=spec.decode)
-    return Host(engine, tokenizer, Faults.from_env(spec.env), time.perf_counter() - t0)
+        turns = LocalHosts(hosts, first, count, device, spec.env.collective_timeout_s, outer, timed=spec.timed)
+        comms = [turns.comm(i) for i in range(count)]
+    engines = [HostEngine(model, first + i, hosts, comms[i], retaining_heads=spec.retaining_heads,
+                          decode=spec.decode) for i in range(count)]
+    faults = Faults.from_env(spec.env)
+    load_s = time.perf_counter() - t0
+    return LocalSet([Host(engine, tokenizer, faults, load_s) for engine in engines], turns, device)
 
 
-def worker_main(rank: int, hosts: int, spec: WorkerSpec, init_method: str, jobs, events) -> None:
-    """Process entry (spawned or forked by the launcher): load, then run jobs until a None arrives."""
+def worker_main(index: int, hosts: int, workers: int, spec: WorkerSpec, init_method: str, jobs, events) -> None:
+    """Process entry (spawned or forked by the launcher): load, then run jobs until a None arrives. Worker
+    `index` of `workers` runs hosts index * H/W .. (index + 1) * H/W - 1."""
     from apb_core.api import Event
+    from apb_core.dist.comm import ProcessComm
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a setting for the tokenizers library, not one of apb's
     follow_parent(spec.env.debug)
-    host = job = None
+    count = hosts // workers
+    ranks = range(index * count, (index + 1) * count)
+    local = job = None
     try:
-        device = device_for(spec, rank)
-        events.put(("event", Event("phase", rank=rank, phase="load")))
-        init_group(rank, hosts, device, init_method, spec.env.collective_timeout_s)
-        Faults.from_env(spec.env).point("load", rank)
-        host = load_host(spec, rank, hosts, device)
-        events.put(("ready", rank, host.load_s))
+        device = device_for(spec, index)
+        for rank in ranks:
+            events.put(("event", Event("phase", rank=rank, phase="load")))
+        init_group(index, workers, device, init_method, spec.env.collective_timeout_s)
+        for rank in ranks:
+            Faults.from_env(spec.env).point("load", rank)
+        outer = ProcessComm(index, workers) if count > 1 and workers > 1 else None
+        local = load_hosts(spec, ranks[0], count, hosts, device, outer)
+        for rank, host in zip(ranks, local.hosts, strict=True):
+            events.put(("ready", rank, host.load_s))
         while True:
             job = jobs.get()
             if job is None:
                 break
-            result = job.run(host, lambda e: events.put(("event", e)))
-            # pickled by value: torch's queue reducer would share tensor memory with a process that may exit
-            events.put(("result", rank, pickle.dumps(result)))
+            results = local.run(job, lambda e: events.put(("event", e)))
+            for rank, result in zip(ranks, results, strict=True):
+                # pickled by value: torch's queue reducer would share tensor memory with a process that may exit
+                events.put(("result", rank, pickle.dumps(result)))
     except KeyboardInterrupt:
         return
     except BaseException as exc:  # report any failure as one line; the parent ends the others
-        engine = host.engine if host is not None else None
+        rank = getattr(exc, "apb_rank", ranks[0])
+        engine = local.hosts[rank - ranks[0]].engine if local is not None else None
         context = getattr(job, "context_len", None)
         text = describe_oom(exc, rank, hosts, engine, context) if is_oom(exc) else describe(exc, spec.env)
         try:

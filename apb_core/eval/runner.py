@@ -41,6 +41,7 @@ from typing import IO, Any
 from apb_core.algorithm.methods import METHODS
 from apb_core.api import AskRequest, AskResult
 from apb_core.errors import InputError
+from apb_core.eval import stats
 from apb_core.eval.niah import NIAH_SPECS
 from apb_core.eval.scoring import cite_hit, score
 from apb_core.eval.tasks import INFINITEBENCH_TASKS, RULER_TASKS, TASKS, Sample, generate
@@ -80,6 +81,7 @@ class EvalConfig:
     split_questions: bool = False  # one question per key of SPLIT_TASKS' documents, apb also over one prefill
     retaining_heads: str | None = None  # heads file the workers load (ablation compressor retaining_heads)
     cite: bool = False  # every answer cites its sources; needle tasks' rows get cite_hit (scoring.cite_hit)
+    workers: list[int] | None = None  # worker processes for each hosts value (None: one per host)
 
     def check(self) -> None:
         """Raise InputError naming the first bad field (the CLI validates first; this guards library use)."""
@@ -96,6 +98,9 @@ class EvalConfig:
             raise InputError(f"methods must be among {', '.join(METHODS)} (got {self.methods})")
         if not self.hosts or any(h < 1 for h in self.hosts):
             raise InputError(f"hosts must be at least 1 (got {self.hosts})")
+        if self.workers is not None and (len(self.workers) != len(self.hosts) or any(
+                w < 1 or h % w for h, w in zip(self.hosts, self.workers, strict=True))):
+            raise InputError(f"workers {self.workers} must divide hosts {self.hosts}, one value each")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.split_questions and any(t not in SPLIT_TASKS for t in self.tasks):
@@ -121,6 +126,11 @@ class Cell:
     delta_vs_full: float | None  # accuracy - full's accuracy on the same samples; None without full
     reused_full: bool = False  # full's numbers come from the first hosts value (full is exact at any H)
     cite_hit: float | None = None  # --cite: % of the correct answers whose top citation holds the needle
+    # 95% bootstrap intervals (eval.stats), [lo, hi] in points; None in summaries made before they existed
+    accuracy_ci: list[float] | None = None  # resampling the samples (averages: within each task)
+    delta_ci: list[float] | None = None  # paired with full's rows of the same samples; None without full
+    paired: int | None = None  # answers paired with full's (delta_ci's basis; = samples when full ran them all)
+    target: str | None = None  # averages of non-full methods: met | unresolved | missed (stats.target_verdict)
 
 
 @dataclass
@@ -230,8 +240,10 @@ def run_eval(
     sink: IO[str] | None = open(out_path, "w", encoding="utf-8") if out_path is not None else None
     try:
         for h_index, hosts in enumerate(config.hosts):
+            workers = config.workers[h_index] if config.workers else None
             request = AskRequest(document="", questions=[], model=config.model, hosts=hosts, device=config.device,
-                                 seed=config.seed, threads=config.threads, retaining_heads=config.retaining_heads)
+                                 seed=config.seed, threads=config.threads, retaining_heads=config.retaining_heads,
+                                 workers=workers)
             session = Session(request)
             if not samples:
                 for length in config.lengths:
@@ -281,6 +293,9 @@ def run_eval(
                      f"its result is reused for H={', '.join(map(str, config.hosts[1:]))}")
     notes.append(f"{config.samples} sample(s) per task and length: one sample moves a task's accuracy by "
                  f"{100 / config.samples:.0f} points")
+    notes.append(f"intervals are 95% bootstrap intervals ({stats.ROUNDS} rounds): delta paired with full on the "
+                 f"same samples, averages resampled within each task; target: the average delta's interval "
+                 f"vs full - {stats.TARGET_POINTS:g} point (met: all above, missed: all below, else unresolved)")
     if config.ablation:
         settings = ", ".join(f"{k}={v}" for k, v in config.ablation.items())
         notes.append(f"ablation settings apply to apb only: {settings}")
@@ -319,18 +334,28 @@ def _generate(task: str, tokenizer: Any, length: int, seed: int, index: int) -> 
         raise InputError(str(exc)) from None
 
 
-def summarise(rows: Iterable[dict[str, Any]]) -> tuple[list[Cell], list[Cell]]:
+def summarise(rows: Iterable[dict[str, Any]], *, rounds: int = stats.ROUNDS,
+              seed: int = 0) -> tuple[list[Cell], list[Cell]]:
     """Cells per (length, task, method, hosts) and their unweighted averages over tasks, both with the gap to
-    `full` (same length, task and hosts). Rows are JSONL records, so a saved file can be re-summarised."""
+    `full` (same length, task and hosts). Rows are JSONL records, so a saved file can be re-summarised.
+
+    Every cell also carries 95% bootstrap intervals (`rounds` resamples, seeded by `seed` and the cell's
+    key, eval.stats): accuracy_ci, and delta_ci over the differences to full on the same samples; averages
+    resample within each task and say whether the issue's target (>= full - 1 point) holds (`target`)."""
     scores: dict[tuple[int, str, str, int], list[float]] = defaultdict(list)
+    by_key: dict[tuple[int, str, str, int], list[dict[str, Any]]] = defaultdict(list)
     reused: dict[tuple[int, str, str, int], bool] = {}
     hits: dict[tuple[int, str, str, int], list[float]] = defaultdict(list)  # cite_hit of the correct answers
     for row in rows:
         key = (row["length"], row["task"], row["method"], row["hosts"])
         scores[key].append(float(row["score"]))
+        by_key[key].append(row)
         reused[key] = row.get("reused_from_hosts") is not None
         if row.get("cite_hit") is not None and row["correct"]:
             hits[key].append(float(row["cite_hit"]))
+    acc_units = {key: stats.score_units(group) for key, group in by_key.items()}
+    pair_units = {key: stats.paired_units(group, by_key[(key[0], key[1], "full", key[3])])
+                  for key, group in by_key.items() if (key[0], key[1], "full", key[3]) in by_key}
     cells = []
     for key, values in scores.items():
         length, task, method, hosts = key
@@ -338,20 +363,40 @@ def summarise(rows: Iterable[dict[str, Any]]) -> tuple[list[Cell], list[Cell]]:
         accuracy = 100 * sum(values) / len(values)
         delta = None if full is None else accuracy - 100 * sum(full) / len(full)
         cite = 100 * sum(hits[key]) / len(hits[key]) if hits.get(key) else None
-        cells.append(Cell(length, task, method, hosts, len(values), accuracy, delta, reused[key], cite))
+        cells.append(Cell(length, task, method, hosts, len(values), accuracy, delta, reused[key], cite,
+                          **_intervals([key], task, acc_units, pair_units, rounds, seed)))
     groups: dict[tuple[int, str, int], list[Cell]] = defaultdict(list)
     for cell in cells:
         groups[(cell.length, cell.method, cell.hosts)].append(cell)
     averages = []
     for (length, method, hosts), group in groups.items():
         deltas = [c.delta_vs_full for c in group]
+        keys = [(length, c.task, method, hosts) for c in group]
+        intervals = _intervals(keys, "average", acc_units, pair_units, rounds, seed)
         averages.append(Cell(
             length, "average", method, hosts, sum(c.samples for c in group),
             sum(c.accuracy for c in group) / len(group),
             None if any(d is None for d in deltas) else math.fsum(deltas) / len(deltas),  # type: ignore[arg-type]
             all(c.reused_full for c in group),
+            **intervals,
+            target=None if method == "full" else stats.target_verdict(intervals["delta_ci"]),
         ))
     return cells, averages
+
+
+def _intervals(keys: list[tuple[int, str, str, int]], task: str, acc_units: dict[Any, list[stats.Unit]],
+               pair_units: dict[Any, list[stats.Unit]], rounds: int, seed: int) -> dict[str, Any]:
+    """accuracy_ci, delta_ci and paired of one cell (one key) or of an average over tasks (`task` "average",
+    one key per task, each task a stratum). The seed names the cell, so its interval does not depend on
+    which other cells exist."""
+    length, _, method, hosts = keys[0]
+    name = f"{seed}|{length}|{task}|{method}|{hosts}"
+    pairs = [pair_units[k] for k in keys] if all(k in pair_units for k in keys) else None  # None: a task lacks full
+    return {
+        "accuracy_ci": stats.bootstrap_ci([acc_units[k] for k in keys], f"{name}|accuracy", rounds),
+        "delta_ci": None if pairs is None else stats.bootstrap_ci(pairs, f"{name}|delta", rounds),
+        "paired": None if pairs is None else sum(len(unit) for units in pairs for unit in units),
+    }
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

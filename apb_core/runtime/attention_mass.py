@@ -20,7 +20,6 @@ all-gather after the answer brings the blocks together.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 CITE_LAYER_FRACTION = 0.25  # the upper quarter of the layers
 
@@ -57,17 +56,15 @@ class AttentionMass:
         probs = torch.exp(logits - lse[:, :, -1].reshape(b, hkv, hq // hkv, 1))
         self.mass += probs.sum(dim=(0, 1, 2))
 
-    def gather(self, hosts: int, group=None) -> torch.Tensor:
-        """Every host's buffer, concatenated in rank order, on CPU: [sum of block_len] (one collective pair)."""
+    def gather(self, hosts: int, comm=None) -> torch.Tensor:
+        """Every host's buffer, concatenated in rank order, on CPU: [sum of block_len] (two all-gathers over
+        `comm`, apb_core.dist.comm: the block lengths, then the buffers padded to the longest)."""
         local = self.mass.detach()
         if hosts == 1:
             return local.cpu()
-        sizes = torch.tensor([self.block_len], dtype=torch.long, device=local.device)
-        all_sizes = [torch.zeros_like(sizes) for _ in range(hosts)]
-        dist.all_gather(all_sizes, sizes, group=group)
-        lens = [int(s.item()) for s in all_sizes]
+        sizes = comm.all_gather(torch.tensor([self.block_len], dtype=torch.long, device=local.device))  # [H, 1]
+        lens = [int(s) for s in sizes.view(-1).tolist()]
         padded = local.new_zeros(max(lens))
         padded[: self.block_len] = local
-        parts = [torch.zeros_like(padded) for _ in range(hosts)]
-        dist.all_gather(parts, padded, group=group)
+        parts = comm.all_gather(padded)  # [H, max block]
         return torch.cat([p[:n] for p, n in zip(parts, lens, strict=True)]).cpu()

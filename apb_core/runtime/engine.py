@@ -13,17 +13,15 @@ H = 1 with no anchor and no passing is plain causal attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from apb_core.algorithm.attention import attend_after_prefix, merge_partials
 from apb_core.algorithm.compressor import Compressor, RetainingHeads
 from apb_core.algorithm.layout import HostPlan
 from apb_core.algorithm.methods import PassingSpec
-from apb_core.algorithm.passing import all_gather_packed
+from apb_core.dist.comm import Comm, ProcessComm
 from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
 from apb_core.runtime.prefill import PrefillCall, Strategy, apb_prefill
@@ -73,52 +71,74 @@ def use_apb_attention(model) -> None:
 
 @dataclass
 class DecodeCall:
-    """Query phase / decode of one step: every host attends its cache; only the last host appends new KV."""
+    """Query phase / decode of one step over the caches this forward attends: one host's (one host per process),
+    or every host's of the process when hosts share one (apb_core.dist.local_hosts): everything but attention
+    is the same on every host in decode, so one forward serves them all and their attention partials are
+    merged here, as the all-gather would merge them.
 
-    cache: HostCache
-    hosts: int
-    is_last: bool
-    group: Any = None
-    mass: AttentionMass | None = None  # --cite: accumulates the attention over the block's keys
+    writer: the index in `caches` of the last host, which appends the new K/V (None: it is not here).
+    comm: the collectives with the other processes' hosts (None: there are none). masses: --cite's
+    accumulators, one per cache (None where not collecting).
+    """
+
+    caches: list[HostCache]
+    writer: int | None
+    comm: Comm | None = None
+    masses: list[AttentionMass | None] = field(default_factory=list)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        length = self.cache.length
-        if self.is_last and q.shape[2] == 1:  # one new token sees every key, itself included: one GEMV
-            self.cache.write(layer, length, k, v)
-            k_all, v_all = self.cache.view(layer, length + 1)
-            out, lse = attention_with_lse(q, k_all, v_all, causal=False, scale=scale)
-        elif self.is_last:
-            self.cache.write(layer, length, k, v)
-            k_old, v_old = self.cache.view(layer, length)
-            out, lse = attend_after_prefix(q, k_old, v_old, k, v, scale)
-        else:  # the query sits after every key of this host: no causal mask
-            k_old, v_old = self.cache.view(layer, length)
-            out, lse = attention_with_lse(q, k_old, v_old, causal=False, scale=scale)
-        if self.hosts == 1:
-            if self.mass is not None:
-                self.mass.add(layer, q, self.cache.view(layer, self.mass.block_len)[0], lse, scale)
-            return out
-        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, Hq, s, D+1]
-        gathered = all_gather_packed(packed, self.hosts, self.group)  # [H, B, Hq, s, D+1]
-        merged, lse_all = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
-        if self.mass is not None:
-            self.mass.add(layer, q, self.cache.view(layer, self.mass.block_len)[0], lse_all, scale)
-        return merged.to(q.dtype)
+        parts = [self._local(cache, i == self.writer, layer, q, k, v, scale) for i, cache in enumerate(self.caches)]
+        if len(parts) == 1 and self.comm is None:
+            out, lse = parts[0]
+        else:
+            if len(parts) == 1:
+                out, lse = parts[0][0].float(), parts[0][1]
+            else:  # this process's hosts first, in fp32 (the merge is associative)
+                out, lse = merge_partials([o.float() for o, _ in parts], [x for _, x in parts])
+            if self.comm is not None:
+                gathered = self.comm.all_gather(torch.cat([out, lse.unsqueeze(-1)], dim=-1))  # [W or H, B, Hq, s, D+1]
+                out, lse = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+            out = out.to(q.dtype)
+        for cache, mass in zip(self.caches, self.masses, strict=False):
+            if mass is not None:
+                mass.add(layer, q, cache.view(layer, mass.block_len)[0], lse, scale)
+        return out
+
+    @staticmethod
+    def _local(cache: HostCache, writes: bool, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One host's partial attention (out [B, Hq, s, D], lse [B, Hq, s] fp32) over its cache."""
+        length = cache.length
+        if writes and q.shape[2] == 1:  # one new token sees every key, itself included: one GEMV
+            cache.write(layer, length, k, v)
+            k_all, v_all = cache.view(layer, length + 1)
+            return attention_with_lse(q, k_all, v_all, causal=False, scale=scale)
+        if writes:
+            cache.write(layer, length, k, v)
+            k_old, v_old = cache.view(layer, length)
+            return attend_after_prefix(q, k_old, v_old, k, v, scale)
+        k_old, v_old = cache.view(layer, length)  # the query sits after every key of this host: no causal mask
+        return attention_with_lse(q, k_old, v_old, causal=False, scale=scale)
 
 
 class HostEngine:
-    """One host's model, KV cache and process group. Same code on CPU (gloo) and GPU (NCCL); H = 1 needs no
-    group. State that lives across calls: the cache (prefill fills it, decode reads and extends it)."""
+    """One host's model, KV cache and collectives. Same code on CPU (gloo), GPU (NCCL) and for hosts that share a
+    process (apb_core.dist.local_hosts); H = 1 needs none. State that lives across calls: the cache (prefill fills
+    it, decode reads and extends it)."""
 
-    def __init__(self, model, rank: int = 0, hosts: int = 1, group=None, retaining_heads: str | None = None,
-                 decode: str = "auto"):
+    def __init__(self, model, rank: int = 0, hosts: int = 1, comm: Comm | None = None,
+                 retaining_heads: str | None = None, decode: str = "auto"):
         """decode: how one-token steps run: "eager" (the model's own forward per token), "static" (static shapes,
         apb_core.runtime.static_decode), "graph" (static, replayed from a CUDA graph), "auto" (graph on CUDA,
-        eager on CPU, where launches cost little and the eager path reads only the filled cache)."""
+        eager on CPU, where launches cost little and the eager path reads only the filled cache).
+        comm: the collectives (default: torch.distributed's default group, one host per process)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)} (got {decode!r})")
         self.model = model
-        self.rank, self.hosts, self.group = rank, hosts, group
+        self.rank, self.hosts = rank, hosts
+        self.comm: Comm = comm if comm is not None else ProcessComm(rank, hosts)
+        if self.comm.shares_process:  # the hosts of this process decode in one forward (decode_group)
+            self.comm.register(self)
         cfg = model.config
         self.layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
@@ -163,7 +183,7 @@ class HostEngine:
             self.cache = None  # free the old buffers before the new ones are allocated
             self.cache = HostCache(self.layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
         self.cache.length = 0
-        call = PrefillCall(plan, strategy, self.cache, self.rank, self.hosts, self.group, timer=timer,
+        call = PrefillCall(plan, strategy, self.cache, self.rank, self.hosts, self.comm, timer=timer,
                            on_layer=on_layer)
         ids, pos = plan.input_ids(context_ids), plan.position_ids()
         if passing is not None and passing.active and self.hosts > 1:
@@ -194,7 +214,7 @@ class HostEngine:
     def gather_mass(self) -> torch.Tensor | None:
         """Every host's accumulated mass, concatenated in rank order, [context tokens] on CPU (a collective:
         every host calls it); None when collect_mass was not called."""
-        return None if self.mass is None else self.mass.gather(self.hosts, self.group)
+        return None if self.mass is None else self.mass.gather(self.hosts, self.comm)
 
     def _block_rope(self, plan: HostPlan, pos: torch.Tensor, passing: PassingSpec):
         """RoPE cos/sin [B, n, D] of the block's positions: the retaining heads read pre-RoPE q and k."""
@@ -204,11 +224,28 @@ class HostEngine:
         dummy = torch.empty(1, dtype=self.dtype, device=self.device)
         return self.model.model.rotary_emb(dummy, block_pos)
 
+    def decode_group(self) -> tuple[list[HostEngine], Comm | None]:
+        """The engines whose caches this engine's decode forward attends, and the collectives with the rest:
+        itself and its process group, or, for hosts that share a process, all of them (local host 0 runs the
+        one forward: `_lead`) and the group of the worker processes (None when there is one)."""
+        if self.comm.shares_process:
+            return self.comm.shared.engines, self.comm.shared.outer
+        return [self], (self.comm if self.hosts > 1 else None)
+
+    def decode_call(self) -> DecodeCall:
+        engines, comm = self.decode_group()
+        writer = next((i for i, e in enumerate(engines) if e.is_last), None)
+        return DecodeCall([e.cache for e in engines], writer, comm, [e.mass for e in engines])
+
+    def _lead(self, forward):
+        """forward() -> logits, run once for the hosts of this process (by local host 0 when they share one)."""
+        return self.comm.lead(forward) if self.comm.shares_process else forward()
+
     def step(self, ids: list[int], start_pos: int) -> torch.Tensor:
         """Query phase / decode: run `ids` at positions start_pos.. on every host; returns last-token logits [V]."""
         t = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(start_pos, start_pos + len(ids), device=self.device).unsqueeze(0)
-        logits = self.forward_logits(t, pos, DecodeCall(self.cache, self.hosts, self.is_last, self.group, self.mass))
+        logits = self._lead(lambda: self.forward_logits(t, pos, self.decode_call()))
         if self.is_last:
             self.cache.length += len(ids)
         return logits
@@ -218,19 +255,68 @@ class HostEngine:
         (with static or graph decode, a buffer the next step overwrites)."""
         if self.decode_mode == "eager":
             return self.step([token], pos)
-        if self._decoder is None:
-            self._decoder = StaticDecoder(self, graph=self.decode_mode == "graph")
-        return self._decoder.step(token, pos)
+
+        def static_step() -> torch.Tensor:
+            if self._decoder is None:
+                self._decoder = StaticDecoder(self, graph=self.decode_mode == "graph")
+            return self._decoder.step(token, pos)
+
+        logits = self._lead(static_step)
+        if self.is_last:
+            self.cache.length += 1
+        return logits
 
     def broadcast_token(self, token: int) -> int:
         """The last host's token, on every host (the one collective of a decode step outside the layers)."""
         if self.hosts == 1:
             return token
         t = torch.tensor([token], dtype=torch.long, device=self.device)
-        dist.broadcast(t, src=self.hosts - 1, group=self.group)
+        self.comm.broadcast(t, src=self.hosts - 1)
         return int(t.item())
 
     def release(self) -> None:
         """Drop the KV cache and the decode graph (the next prefill allocates what it needs)."""
         self.cache = None
         self._decoder = None
+
+    # The server's document cache (apb_core.serve.cache decides, apb_core.runtime.reuse.ServeJob tells every
+    # host): several documents' KV kept aside by key. Only the launcher chooses keys and evictions, so every
+    # host parks, resumes and drops the same keys; a new worker starts with none.
+
+    @property
+    def parked(self) -> dict[str, ParkedCache]:
+        """The KV caches set aside by `park`, by key (created on first use)."""
+        if "_parked" not in self.__dict__:
+            self._parked: dict[str, ParkedCache] = {}
+        return self._parked
+
+    def park(self, key: str) -> None:
+        """Set the current cache (the document's KV, rewound) aside under `key`; no cache is current afterwards,
+        so the next prefill allocates its own instead of overwriting this one. The decode graph goes with it
+        (it reads these buffers; kept so that a resumed cache replays without a new capture) unless it
+        accumulates citation mass, which belongs to one question."""
+        if self.cache is None:
+            raise RuntimeError(f"nothing to park under {key[:12]}: no KV cache")
+        self.rewind()
+        decoder = self._decoder if self.mass is None else None
+        self.parked[key] = ParkedCache(self.cache, self.context_len, decoder)
+        self.cache, self.context_len, self._decoder, self.mass = None, 0, None, None
+
+    def resume(self, key: str) -> None:
+        """Make the cache parked under `key` current again (taken out of `parked`: park it back afterwards);
+        whatever cache was current is released. KeyError when no such key is parked."""
+        entry = self.parked.pop(key)
+        self.cache, self.context_len, self._decoder, self.mass = entry.cache, entry.context_len, entry.decoder, None
+
+    def drop(self, key: str) -> None:
+        """Free the cache parked under `key` (an eviction); nothing when there is none."""
+        self.parked.pop(key, None)
+
+
+@dataclass
+class ParkedCache:
+    """A document's KV set aside by HostEngine.park: the cache, its block length and its decode step."""
+
+    cache: HostCache
+    context_len: int
+    decoder: StaticDecoder | None = None

@@ -159,7 +159,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     def on_layer(layer: int) -> None:
         emit(Event("progress", rank=rank, phase="prefill", done=layer + 1, total=engine.layers, question=job.index))
 
-    barrier(engine.device, engine.hosts, engine.group)
+    barrier(engine.device, engine.hosts, engine.comm)
     faults.point("prefill", rank)
     t0 = time.perf_counter()
     call = engine.prefill(plan, ctx, passing=method.passing, block_lens=list(method.block_lens),
@@ -168,7 +168,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     host_prefill = time.perf_counter() - t0
     if job.cite:
         engine.collect_mass(cite_layers(engine.layers))
-    barrier(engine.device, engine.hosts, engine.group)
+    barrier(engine.device, engine.hosts, engine.comm)
     t1 = time.perf_counter()
     results = []
     for i, query_ids in enumerate(queries):
@@ -185,11 +185,13 @@ def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index
                     emit: Callable[[Event], None], faults: Faults = NO_FAULTS) -> JobResult:
     """One question's query phase and decode over the prefilled cache (prefill fields left at 0)."""
     rank = engine.rank
-    sync(engine.device)
-    t1 = time.perf_counter()
-    generator = torch.Generator().manual_seed(job.seed)  # every question samples as if it were asked alone
     if engine.mass is not None:
         engine.mass.reset()
+    # every host's cache rewound and mass zeroed before any query phase: hosts that share a process decode in
+    # one forward that reads all their caches (engine.decode_group)
+    barrier(engine.device, engine.hosts, engine.comm)
+    t1 = time.perf_counter()
+    generator = torch.Generator().manual_seed(job.seed)  # every question samples as if it were asked alone
     stop = StopText(job.stop)
 
     def on_token(tokens: list[int]) -> bool:

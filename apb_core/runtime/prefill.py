@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from apb_core.algorithm.attention import apb_attention
 from apb_core.algorithm.compressor import Compressor
 from apb_core.algorithm.passing import exchange_passing
+from apb_core.dist.comm import Comm
 from apb_core.runtime.cache import HostCache
 from apb_core.runtime.timing import NO_TIMER, PhaseTimer
 
@@ -56,7 +56,7 @@ class PrefillCall:
     cache: HostCache
     rank: int = 0
     hosts: int = 1
-    group: Any = None
+    comm: Comm | None = None  # None for one host
     compressor: Compressor | None = None
     counts: tuple[int, ...] = ()
     timer: PhaseTimer = NO_TIMER
@@ -85,7 +85,7 @@ def apb_prefill(call: PrefillCall, layer: int, q: torch.Tensor, k: torch.Tensor,
             k_sel, v_sel = call.compressor.select(layer, q, k, v, scale)
         if call.timer.enabled:  # breakdown mode: the hosts' imbalance, kept out of the all-gather's time
             with call.timer.region("wait"):
-                dist.barrier(group=call.group)
+                call.comm.barrier()
         with call.timer.region("all-gather"):
-            k_pass, v_pass = exchange_passing(k_sel, v_sel, list(call.counts), call.rank, call.group)
+            k_pass, v_pass = exchange_passing(k_sel, v_sel, list(call.counts), call.rank, call.comm)
     return apb_attention(q, k, v, call.plan.anchor_len, k_pass, v_pass, scale)

@@ -1,10 +1,10 @@
-"""The server's job: answer a question over the document KV that the previous prefill left on the hosts (the
-serve document cache), or prefill it anew with room kept for later questions.
+"""The server's job: answer a question over a document KV the hosts keep parked (the serve document cache), or
+prefill it anew with room kept for later questions, and park it when the cache keeps it.
 
 Reuse is exact only where the prefill does not read the question (`MethodConfig.reads_question` false: full,
-star, apb where auto-exact chose the exact layout); the caller (apb_core.serve.cache) decides that and that the
-hosts still hold this document's KV. Every host runs the same job; the last host says whether its cache has
-room for this question and answer (one broadcast), so all hosts take the same path.
+star, apb where auto-exact chose the exact layout). The launcher's cache (apb_core.serve.cache) decides
+everything, including that the parked KV has room for this question and answer; every host runs the same job
+and so parks, resumes and drops the same keys (HostEngine.park / resume / drop).
 """
 
 from __future__ import annotations
@@ -13,19 +13,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from apb_core.api import Event
+from apb_core.runtime.attention_mass import cite_layers
 from apb_core.runtime.generate import AskJob, JobResult, answer_question, run_questions
 
 HEADROOM = 1024  # query + answer tokens the last host keeps room for beyond the request's own (later questions)
 
 
+def room_tokens(query_len: int, max_new_tokens: int) -> int:
+    """The tokens past the document that a kept prefill reserves on the last host (this question, its answer and
+    its end, plus HEADROOM for later ones)."""
+    return needed_tokens(query_len, max_new_tokens) + HEADROOM
+
+
+def needed_tokens(query_len: int, max_new_tokens: int) -> int:
+    """The room past the document that one question needs: its query part, its answer, the end token."""
+    return query_len + max_new_tokens + 1
+
+
 @dataclass
 class ServeJob:
-    """`ask` (one question) run with `reuse`: over the cached document KV when true (query phase and decode
-    only; falls back to a prefill when the last host lacks room), else a prefill that keeps HEADROOM spare.
-    Returns [JobResult] like AskJob; `prefill_s == 0` on a cache hit."""
+    """`ask` (one question) as the cache plans it. `drop`: parked KV to free first (evictions). `reuse`: resume
+    `key`'s parked KV and run only the query phase and decode over it, then park it back (also when the
+    question is cancelled: the KV is whole). Else a prefill that keeps HEADROOM spare, parked under `key`
+    afterwards when `keep`. Returns [JobResult] like AskJob; `prefill_s == 0` on reuse."""
 
     ask: AskJob
+    key: str = ""
     reuse: bool = False
+    keep: bool = False
+    drop: tuple[str, ...] = ()
 
     @property
     def context_len(self) -> int:
@@ -33,13 +49,26 @@ class ServeJob:
 
     def run(self, host, emit: Callable[[Event], None]) -> list[JobResult]:
         engine, job = host.engine, self.ask
-        query_ids = job.queries[0]
-        need = len(query_ids) + job.max_new_tokens + 1
+        for key in self.drop:
+            engine.drop(key)
         if self.reuse:
-            fits = engine.cache is not None and engine.cache.capacity >= engine.context_len + need
-            if engine.broadcast_token(int(fits) if engine.is_last else 0):
-                engine.rewind()  # the document-only state: no earlier question or answer is seen
-                result = answer_question(engine, job, query_ids, job.index, host.tokenizer, emit, host.faults)
-                result.block_tokens = engine.context_len
-                return [result]
-        return run_questions(engine, job, host.tokenizer, emit, host.faults, headroom=HEADROOM)
+            return [self._resumed(host, emit)]
+        if self.keep:
+            engine.release()  # the kept KV gets buffers of its own size (the cache's byte count), not a leftover
+        results = run_questions(engine, job, host.tokenizer, emit, host.faults, headroom=HEADROOM)
+        if self.keep:
+            engine.park(self.key)
+        return results
+
+    def _resumed(self, host, emit: Callable[[Event], None]) -> JobResult:
+        engine, job = host.engine, self.ask
+        engine.resume(self.key)
+        try:
+            engine.rewind()  # the document-only state: no earlier question or answer is seen
+            if job.cite:
+                engine.collect_mass(cite_layers(engine.layers))
+            result = answer_question(engine, job, job.queries[0], job.index, host.tokenizer, emit, host.faults)
+            result.block_tokens = engine.context_len
+        finally:
+            engine.park(self.key)
+        return result

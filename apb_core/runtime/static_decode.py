@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from apb_core.algorithm.attention import merge_partials
-from apb_core.algorithm.passing import all_gather_packed
 from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
 from kernels import DecodeAttention
@@ -31,54 +30,65 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture (allocator and NC
 
 @dataclass
 class StaticDecodeCall:
-    """The attention of one decode step, shapes fixed by the cache's capacity.
+    """The attention of one decode step over `caches` (one host's, or every host's of a process that runs
+    several: engine.DecodeCall), shapes fixed by the caches' capacities.
 
-    length: [] long, the keys this host held before the step; the last host writes the new token's K/V there.
+    lengths[i]: [] long, the keys cache i held before the step; the writer (the last host) writes the new
+    token's K/V there. comm: the collectives with other processes (None: none).
     """
 
-    cache: HostCache
-    hosts: int
-    is_last: bool
-    group: Any
-    length: torch.Tensor
-    attention: DecodeAttention
-    mass: AttentionMass | None = None  # --cite: the block slots are a fixed slice of the cache (static shapes)
+    caches: list[HostCache]
+    writer: int | None
+    comm: Any  # apb_core.dist.comm.Comm | None
+    lengths: list[torch.Tensor]
+    attentions: list[DecodeAttention]
+    masses: list[AttentionMass | None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # [B, Hkv, capacity, D]
-        used = self.length.view(1)
-        if self.is_last:  # the new token is a key of its own query
-            k_cache.index_copy_(2, used, k)
-            v_cache.index_copy_(2, used, v)
-            used = used + 1
-        out, lse = self.attention(q, k_cache, v_cache, used.to(torch.int32), scale)
-        if self.hosts == 1:
-            if self.mass is not None:
-                self.mass.add(layer, q, k_cache[:, :, : self.mass.block_len], lse, scale)
-            return out
-        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, Hq, 1, D+1]
-        gathered = all_gather_packed(packed, self.hosts, self.group)  # [H, B, Hq, 1, D+1]
-        merged, lse_all = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
-        if self.mass is not None:
-            self.mass.add(layer, q, k_cache[:, :, : self.mass.block_len], lse_all, scale)
-        return merged.to(q.dtype)
+        parts = []
+        for i, cache in enumerate(self.caches):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]  # [B, Hkv, capacity, D]
+            used = self.lengths[i].view(1)
+            if i == self.writer:  # the new token is a key of its own query
+                k_cache.index_copy_(2, used, k)
+                v_cache.index_copy_(2, used, v)
+                used = used + 1
+            parts.append(self.attentions[i](q, k_cache, v_cache, used.to(torch.int32), scale))
+        if len(parts) == 1 and self.comm is None:
+            out, lse = parts[0]
+        else:
+            if len(parts) == 1:
+                out, lse = parts[0][0].float(), parts[0][1]
+            else:  # this process's hosts first, in fp32
+                out, lse = merge_partials([o.float() for o, _ in parts], [x for _, x in parts])
+            if self.comm is not None:
+                gathered = self.comm.all_gather(torch.cat([out, lse.unsqueeze(-1)], dim=-1))  # [W or H, B, Hq, 1, D+1]
+                out, lse = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+            out = out.to(q.dtype)
+        for cache, mass in zip(self.caches, self.masses, strict=True):
+            if mass is not None:
+                mass.add(layer, q, cache.k[layer][:, :, : mass.block_len], lse, scale)
+        return out
 
 
 class StaticDecoder:
-    """One-token decode steps over the engine's current cache: replayed from a CUDA graph when `graph`, else
-    run eagerly with the same static code. Built after a prefill and the query phase (every host at the same
-    point: capture runs the step's collectives); valid until the next prefill replaces the cache."""
+    """One-token decode steps over the current caches of the engine's decode group (engine.decode_group):
+    replayed from a CUDA graph when `graph`, else run eagerly with the same static code. Built after a
+    prefill and the query phase (every process at the same point: capture runs the step's collectives);
+    valid until the next prefill replaces the caches. The engines advance their own cache lengths."""
 
     def __init__(self, engine, graph: bool) -> None:
         device = engine.device
         self.engine = engine
-        self.cache: HostCache = engine.cache
+        engines, comm = engine.decode_group()
+        self.caches: list[HostCache] = [e.cache for e in engines]
+        self.writer = next((i for i, e in enumerate(engines) if e.is_last), None)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.length = torch.tensor(self.cache.length, dtype=torch.long, device=device)
-        attention = DecodeAttention(device, engine.dtype, engine.head_dim, self.cache.capacity)
-        self.call = StaticDecodeCall(self.cache, engine.hosts, engine.is_last, engine.group, self.length, attention,
-                                     engine.mass)
+        self.lengths = [torch.tensor(c.length, dtype=torch.long, device=device) for c in self.caches]
+        attentions = [DecodeAttention(device, engine.dtype, engine.head_dim, c.capacity) for c in self.caches]
+        self.call = StaticDecodeCall(self.caches, self.writer, comm, self.lengths, attentions,
+                                     [e.mass for e in engines])
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if graph:
@@ -88,8 +98,8 @@ class StaticDecoder:
         return self.engine.forward_logits(self.ids, self.pos, self.call)
 
     def _capture(self) -> None:
-        mass = self.call.mass
-        kept = mass.mass.clone() if mass is not None else None  # the query phase's row, before warm-up adds to it
+        masses = [m for m in self.call.masses if m is not None]
+        kept = [m.mass.clone() for m in masses]  # the query phase's row, before warm-up adds to it
         side = torch.cuda.Stream(self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):
@@ -99,22 +109,21 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
-        if kept is not None:
-            mass.mass.copy_(kept)
+        for mass, before in zip(masses, kept, strict=True):
+            mass.mass.copy_(before)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        """Run `token` at position `pos` on this host; returns the last-token logits [V] fp32 (a buffer that the
-        next step overwrites: read it before stepping again)."""
-        if self.cache.length >= self.cache.capacity and self.engine.is_last:
-            raise RuntimeError(f"KV cache overflow: {self.cache.length + 1} > capacity {self.cache.capacity}")
+        """Run `token` at position `pos`; returns the last-token logits [V] fp32 (a buffer that the next step
+        overwrites: read it before stepping again)."""
+        if self.writer is not None:
+            cache = self.caches[self.writer]
+            if cache.length >= cache.capacity:
+                raise RuntimeError(f"KV cache overflow: {cache.length + 1} > capacity {cache.capacity}")
         self.ids.fill_(token)
         self.pos.fill_(pos)
-        self.length.fill_(self.cache.length)
+        for length, cache in zip(self.lengths, self.caches, strict=True):
+            length.fill_(cache.length)
         if self.graph is not None:
             self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._forward()
-        if self.engine.is_last:
-            self.cache.length += 1
-        return logits
+            return self.logits
+        return self._forward()

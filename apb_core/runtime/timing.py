@@ -14,7 +14,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 
 
 def sync(device: torch.device) -> None:
@@ -23,11 +22,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def barrier(device: torch.device, hosts: int, group=None) -> None:
-    """Every host's queued work done and every host here (works on gloo and NCCL alike)."""
+def barrier(device: torch.device, hosts: int, comm=None) -> None:
+    """Every host's queued work done and every host here (`comm`: apb_core.dist.comm, needed when hosts > 1)."""
     sync(device)
     if hosts > 1:
-        dist.barrier(group=group)
+        comm.barrier()
         sync(device)
 
 

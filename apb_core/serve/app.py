@@ -85,8 +85,7 @@ def create_app(engine: ServeEngine, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         body = {"status": engine.state, "model": engine.model_name, "waiting": engine.pending,
-                "restarts": engine.restarts, "cache": {"hits": engine.cache.hits, "misses": engine.cache.misses,
-                                                       "bytes": engine.cache.nbytes}}
+                "restarts": engine.restarts, "cache": engine.cache.stats()}
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -103,9 +102,9 @@ def create_app(engine: ServeEngine, api_key: str | None = None) -> FastAPI:
         opts = body.apb
         settings = engine.settings(
             max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-            top_p=body.top_p, seed=body.seed, stop=body.stop_list or None, cite=False,
-            method=opts and opts.method, anchor_len=opts and opts.anchor_len, passing_len=opts and opts.passing_len,
-            truncate=opts and opts.truncate, system=opts and opts.system,
+            top_p=body.top_p, seed=body.seed, stop=body.stop_list or None, cite=bool(opts and opts.cite),
+            paged=bool(opts and opts.paged), method=opts and opts.method, anchor_len=opts and opts.anchor_len,
+            passing_len=opts and opts.passing_len, truncate=opts and opts.truncate, system=opts and opts.system,
         )
         if body.temperature is None:
             settings = dataclasses.replace(settings, temperature=0.0)
@@ -147,7 +146,12 @@ def _finish(reason: str) -> str:
 
 
 def _extension(done: ServeResult) -> dict:
-    return {"cache_hit": done.cache_hit, "result": dataclasses.asdict(done.result)}
+    """The response's `apb` object: cache_hit, result (the --json fields of `apb ask`) and, when the request
+    asked for them, citations (as `apb ask --cite --json` prints them)."""
+    extension = {"cache_hit": done.cache_hit, "result": dataclasses.asdict(done.result)}
+    if done.result.citations is not None:
+        extension["citations"] = [c.as_json() for c in done.result.citations]
+    return extension
 
 
 def _usage(done: ServeResult) -> dict:

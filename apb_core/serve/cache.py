@@ -1,14 +1,20 @@
-"""The document cache: which document's distributed KV the hosts hold now, and whether it may be kept.
+"""The document cache: which documents' distributed KV the hosts keep, least recently used first out.
 
-One entry (the last document): a question about it costs only its query phase and decode, where the layout is
-exact (the prefill does not read the question). The key is the hash of the tokenized context (chat template,
-system prompt and document) plus the layout; `limit_bytes` bounds what is kept (a larger KV is not kept).
+A question about a kept document costs only its query phase and decode, where the layout is exact (the prefill
+does not read the question). The key is the hash of the tokenized context (chat template, system prompt and
+document) plus the layout. Every kept document's KV is parked on the hosts under its key
+(HostEngine.park); `limit_bytes` bounds their sum over all hosts: a new document evicts the least recently
+used ones until it fits, and one larger than the limit is not kept (nothing is evicted for it).
+
+This object alone decides: each job carries its plan (resume this key, park under it, drop those), so the
+launcher and the workers never disagree; a worker restart loses every parked KV, and `forget` says so here.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from apb_core.algorithm.flops import ModelDims
 from apb_core.algorithm.methods import MethodConfig
@@ -29,24 +35,74 @@ def kv_bytes(dims: ModelDims, tokens: int, itemsize: int) -> int:
 
 
 @dataclass
+class Entry:
+    """A kept document: its KV's bytes over all hosts, and the query + answer tokens the last host has room
+    for past the document (a question needing more is prefilled again)."""
+
+    nbytes: int
+    room: int
+
+
+@dataclass
+class CachePlan:
+    """What one request does with the cache: `hit`: resume `key`'s parked KV (query phase and decode only);
+    `keep`: park the new prefill's KV under `key` (an `entry`); `drop`: parked KV to free first (evicted)."""
+
+    key: str
+    hit: bool = False
+    keep: bool = False
+    drop: tuple[str, ...] = ()
+    entry: Entry | None = None
+
+
+@dataclass
 class DocumentCache:
     limit_bytes: int
-    key: str | None = None
-    nbytes: int = 0
+    entries: OrderedDict[str, Entry] = field(default_factory=OrderedDict)  # least recently used first
     hits: int = 0
     misses: int = 0
 
-    def holds(self, key: str) -> bool:
-        return self.key is not None and self.key == key
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
 
-    def keep(self, key: str, nbytes: int) -> bool:
-        """Record that the hosts hold `key`'s KV now; False (and nothing kept) when it exceeds the limit."""
-        if nbytes > self.limit_bytes:
-            self.forget()
-            return False
-        self.key, self.nbytes = key, nbytes
-        return True
+    def plan(self, key: str, need: int, entry: Entry | None) -> CachePlan:
+        """The plan for a question needing `need` tokens of room (query, answer, end) about the document `key`.
+        `entry`: what keeping a new prefill would cost (None: this request may not be kept: its layout reads
+        the question, or it asked for no cache). A kept document is a hit while its room suffices; else its
+        old KV is dropped and the new prefill takes its place. Evictions are final here as soon as planned
+        (the job drops them before anything else)."""
+        old = self.entries.get(key)
+        if old is not None and entry is not None and old.room >= need:
+            self.entries.move_to_end(key)
+            return CachePlan(key, hit=True)
+        drop = [key] if old is not None and entry is not None else []
+        if entry is None or entry.nbytes > self.limit_bytes:
+            return self._evict(CachePlan(key, drop=tuple(drop)))
+        self.entries.pop(key, None)
+        while self.entries and self.nbytes + entry.nbytes > self.limit_bytes:
+            drop.append(self.entries.popitem(last=False)[0])
+        return CachePlan(key, keep=True, drop=tuple(drop), entry=entry)
+
+    def _evict(self, plan: CachePlan) -> CachePlan:
+        for key in plan.drop:
+            self.entries.pop(key, None)
+        return plan
+
+    def done(self, plan: CachePlan) -> None:
+        """The job of `plan` finished: count the hit or miss, and record the kept document (most recent)."""
+        if plan.hit:
+            self.hits += 1
+            return
+        self.misses += 1
+        if plan.keep and plan.entry is not None:
+            self.entries[plan.key] = plan.entry
 
     def forget(self) -> None:
-        """The hosts' KV is no longer a whole document's (a new prefill started, or the workers restarted)."""
-        self.key, self.nbytes = None, 0
+        """The hosts hold no parked KV any more (the workers restarted)."""
+        self.entries.clear()
+
+    def stats(self) -> dict[str, int]:
+        """/health's `cache` object."""
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self.entries), "bytes": self.nbytes,
+                "limit_bytes": self.limit_bytes}

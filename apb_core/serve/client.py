@@ -2,7 +2,8 @@
 AskResults a local run produces (so the CLI renders stdout, stderr and --json the same way).
 
 Each question is one streamed chat request (document as the system message, the question as the user's);
-over an exact layout the server's document cache serves the later questions without a prefill.
+over an exact layout the server's document cache serves the later questions without a prefill. `--cite` asks
+for citations (`apb.cite`, and `apb.paged` for a PDF's pages); they come back in the result like a local run's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def remote_ask(request: AskRequest, url: str, on_event: Callable[[Event], None] 
 
 def _body(request: AskRequest, question: str) -> dict:
     apb = {"method": request.method, "anchor_len": request.anchor_len, "passing_len": request.passing_len,
-           "truncate": request.truncate, "system": request.system}
+           "truncate": request.truncate, "system": request.system, "cite": request.cite or None,
+           "paged": request.paged or None}
     return {"messages": [{"role": "system", "content": request.document}, {"role": "user", "content": question}],
             "stream": True, "max_tokens": request.max_new_tokens, "temperature": request.temperature,
             "top_p": request.top_p, "seed": request.seed, "stop": list(request.stop) or None,

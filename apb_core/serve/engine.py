@@ -17,15 +17,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from apb_core.algorithm.methods import resolve_method
+from apb_core.algorithm.methods import MethodConfig, resolve_method
 from apb_core.api import AskRequest, AskResult, Event
 from apb_core.ask import Session
 from apb_core.dist.launcher import InlineHost
 from apb_core.errors import ApbError, InputError, WorkerError
 from apb_core.runtime.generate import AskJob
-from apb_core.runtime.prompt import build_prompts
-from apb_core.runtime.reuse import ServeJob
-from apb_core.serve.cache import DocumentCache, cache_key, kv_bytes
+from apb_core.runtime.prompt import Prompt, build_prompts
+from apb_core.runtime.reuse import ServeJob, needed_tokens, room_tokens
+from apb_core.serve.cache import CachePlan, DocumentCache, Entry, cache_key, kv_bytes
 
 
 class Busy(ApbError):
@@ -193,8 +193,8 @@ class ServeEngine:
         self._load()
 
     def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool) -> ServeResult:
-        """Tokenize, pick the layout, run the question over the cached KV or a new prefill; the cache keeps this
-        document when its layout does not read the question and its KV fits the limit."""
+        """Tokenize, pick the layout, run the question over a kept document's KV or a new prefill; the cache
+        keeps this document when its layout does not read the question and its KV fits the limit."""
         s = self.session
         t0 = time.perf_counter()
         if not question.strip():
@@ -205,27 +205,31 @@ class ServeEngine:
                                 req.compressor, req.question_in_anchor, req.seed, s.dims, req.auto_exact,
                                 req.layout, device=self.base.device)
         tokenize_s = time.perf_counter() - t0
-        key = cache_key(prompt.context_ids, method, s.hosts)
-        reuse = use_cache and not method.reads_question and self.cache.holds(key)
-        if not reuse:
-            self.cache.forget()  # the prefill overwrites the hosts' KV
+        plan = self._plan(prompt, method, req.max_new_tokens, use_cache)
         job = ServeJob(AskJob(prompt, method, req.max_new_tokens, req.temperature, req.top_p, req.seed,
-                              list(req.stop), s.eos), reuse)
+                              list(req.stop), s.eos, cite=req.cite), plan.key, plan.hit, plan.keep, plan.drop)
         per_host = s.runner.run(job)
+        self.cache.done(plan)  # not reached when cancelled: neither a hit nor a miss
         lead = per_host[0][0]
-        hit = reuse and lead.prefill_s == 0.0
-        if hit:
-            self.cache.hits += 1
-        else:
-            self.cache.misses += 1
-            if use_cache and not method.reads_question:
-                self.cache.keep(key, kv_bytes(s.dims, prompt.context_len, self._itemsize()))
         timings = {"convert_s": 0.0, "load_s": 0.0, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
                    "query_s": lead.query_s, "decode_s": lead.decode_s,
                    "total_s": time.perf_counter() - t0}
         result = s._result(req, question, prompt, method, timings, [h[0] for h in per_host], False, document)
-        s.prefills += 0 if hit else 1
-        return ServeResult(result, hit)
+        s.prefills += 0 if plan.hit else 1
+        return ServeResult(result, plan.hit)
+
+    def _plan(self, prompt: Prompt, method: MethodConfig, max_new_tokens: int, use_cache: bool) -> CachePlan:
+        """The cache's plan for this prompt: keepable when the layout does not read the question (its KV
+        then serves any question) and the request allows the cache; its cost is the KV of the document plus
+        the last host's room (room_tokens), in the workers' dtype."""
+        s = self.session
+        key = cache_key(prompt.context_ids, method, s.hosts)
+        query_len = len(prompt.query_ids)
+        entry = None
+        if use_cache and not method.reads_question:
+            room = room_tokens(query_len, max_new_tokens)
+            entry = Entry(kv_bytes(s.dims, prompt.context_len + room, self._itemsize()), room)
+        return self.cache.plan(key, needed_tokens(query_len, max_new_tokens), entry)
 
     def _itemsize(self) -> int:
         from apb_core.models import resolve_dtype

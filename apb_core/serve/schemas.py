@@ -36,6 +36,8 @@ class ApbOptions(BaseModel):
     truncate: Literal["none", "middle", "end"] | None = None
     system: str | None = None  # the chat template's system prompt (system messages are document text)
     cache: bool = True  # false: do not use the document cache for this request
+    cite: bool = False  # true: the passages the answer attended to most (`apb ask --cite`), in the response
+    paged: bool = False  # the document is a PDF's text (`--- page N ---` lines): citations name pages
 
 
 class ChatCompletionRequest(BaseModel):

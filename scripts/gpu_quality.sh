@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The quality issue's GPU runs: Qwen2.5-Coder-0.5B-Instruct (32K window, Q4_K_M GGUF) on one H200, H = 2, 4, 8
+# as in-process hosts (--workers 1: the same math as H GPUs, tests/test_workers.py). The GPU machine reaches no
+# package index and takes 64 MiB of carried files per call, so the model travels in 9 chunks (.gpu/c0..c8,
+# made by splitting the GGUF) and the gguf wheel in .gpu/wheels; /tmp/keep survives between calls only while
+# the machine stays warm, so the calls run back to back:
+#   scripts/gpu_quality.sh stash K            K = 0..7: keep chunk K
+#   scripts/gpu_quality.sh prepare            chunk 8, join, check sha256, install gguf, convert once, one answer
+#   scripts/gpu_quality.sh eval LEN SAMPLES   full on every task (3 samples) picks the tasks where full > 20,
+#                                             then full, star and apb at H = 2, 4, 8 on those, SAMPLES each
+# Logs, JSON and JSONL rows go to $OUT.
+set -u
+KEEP=/tmp/keep
+SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+MODEL=$KEEP/qwen.gguf
+export APB_CACHE_DIR=$KEEP/cache PYTHONPATH=$KEEP/py:. PYTHONUNBUFFERED=1 COLUMNS=200 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/apb-gpu-out}
+mkdir -p "$OUT" "$KEEP"
+PY=${PYTHON:-python3}
+HOSTS=${HOSTS:-2,4,8}
+MAX_NEW=${MAX_NEW:-64}
+
+case "${1:-}" in
+stash)
+    cp .gpu/c"$2"/* "$KEEP"/ && ls -la "$KEEP" | tail -n 3
+    ;;
+prepare)
+    cp .gpu/c8/* "$KEEP"/
+    cat "$KEEP"/chunk_? > "$MODEL" && rm -f "$KEEP"/chunk_?
+    echo "$SHA  $MODEL" | sha256sum -c - || exit 1
+    $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/wheels/*.whl 2>&1 | tail -n 2
+    t0=$(date +%s)
+    $PY -c "from apb_core import models; models.prepare(models.resolve_model('$MODEL'), print)"
+    echo "convert took $(( $(date +%s) - t0 )) s"
+    nvidia-smi -L
+    $PY -m apb_cli.main ask examples/sample.md "What is the secret passcode for the north archive?" \
+        --model "$MODEL" --device cuda --hosts 2 --workers 1 --json --max-new-tokens 16 \
+        > "$OUT/prepare_ask.json" 2> "$OUT/prepare_ask.log"
+    echo "ask exit $?"; tail -n 8 "$OUT/prepare_ask.log"; head -c 600 "$OUT/prepare_ask.json"
+    ;;
+eval)
+    LEN=$2; SAMPLES=$3
+    t0=$(date +%s)
+    timeout 240 $PY -m apb_cli.main eval --tasks all --len "$LEN" --samples 3 --methods full --hosts 2 --workers 1 \
+        --device cuda --model "$MODEL" --max-new-tokens "$MAX_NEW" --out "$OUT/select_$LEN.jsonl" --json \
+        > "$OUT/select_$LEN.json" 2> "$OUT/select_$LEN.log"
+    echo "select exit $? after $(( $(date +%s) - t0 )) s"
+    TASKS=$($PY - "$OUT/select_$LEN.jsonl" <<'EOF'
+import sys
+from apb_core.eval.runner import read_rows, summarise
+cells, _ = summarise(read_rows(sys.argv[1]))
+print(",".join(c.task for c in cells if c.method == "full" and c.accuracy > 20))
+EOF
+)
+    echo "tasks where full > 20 at $LEN: $TASKS"
+    [ -n "$TASKS" ] || exit 0
+    timeout $(( 590 - ($(date +%s) - t0) )) $PY -m apb_cli.main eval --tasks "$TASKS" --len "$LEN" --samples "$SAMPLES" --methods full,star,apb \
+        --hosts "$HOSTS" --workers 1 --device cuda --model "$MODEL" --max-new-tokens "$MAX_NEW" \
+        --out "$OUT/eval_$LEN.jsonl" --json > "$OUT/eval_$LEN.json" 2> "$OUT/eval_$LEN.log"
+    echo "eval exit $? after $(( $(date +%s) - t0 )) s"
+    grep -v "^\[" "$OUT/eval_$LEN.log" | tail -n 30
+    ;;
+*)
+    echo "usage: $0 stash K | prepare | eval LEN SAMPLES" >&2; exit 2
+    ;;
+esac
