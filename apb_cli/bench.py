@@ -137,9 +137,9 @@ def run_bench_command(opts: BenchOptions) -> int:
     if len(opts.methods) > 1:
         console.print(speedup_table(report.rows))
         console.print(speedup_table(report.rows, "answer_speedup_vs", "answer speedup (row over column)"))
-    table = breakdown_table(report.rows)
-    if table is not None:
-        console.print(table)
+    for table in (projected_table(report.rows), breakdown_table(report.rows)):
+        if table is not None:
+            console.print(table)
     return 0
 
 
@@ -208,6 +208,34 @@ def speedup_table(rows: list[dict[str, Any]], key: str = "speedup_vs",
     for row in rows:
         cells = ["1" if m == row["method"] else _fmt(row[key].get(m)) for m in methods]
         table.add_row(_tokens_label(row["len"]), row["method"], *cells)
+    return table
+
+
+def projected_table(rows: list[dict[str, Any]]) -> Table | None:
+    """With hosts that took turns on one device (--workers 1): the projected H-device prefill per method
+    (apb_core.bench.projection), with its parts and the spread of the hosts' own compute; None otherwise."""
+    projected = [r for r in rows if r.get("projected")]
+    if not projected:
+        return None
+    table = Table(title="projected prefill on H devices (hosts measured one after another on one)",
+                  title_justify="left")
+    for name in ("len", "method", "hosts", "measured s", "projected s", "compute s", "all-gather s",
+                 "host busy s (min..max)", "projected vs single"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    single = {r["len"]: r["projected"]["prefill_s"] for r in projected if r["method"] == "single"}
+    for row in projected:
+        proj = row["projected"]
+        busy = [b for b in proj["host_busy_s"] if b > 0] or [0.0]
+        base = single.get(row["len"])
+        table.add_row(
+            _tokens_label(row["len"]), row["method"] + ("" if row["exact"] else "*"), str(row["hosts"]),
+            _fmt(row["prefill_s"], 3), _fmt(proj["prefill_s"], 3), _fmt(proj["compute_s"], 3),
+            _fmt(proj["comm_s"], 3), f"{min(busy):.3f}..{max(busy):.3f}",
+            _fmt(base / proj["prefill_s"] if base and proj["prefill_s"] else None),
+        )
+    table.caption = (f"projected = the slowest host of each segment between collectives + all-gathers at "
+                     f"{projected[0]['projected']['link_gibps']:g} GiB/s (no latency term); ring and Ulysses need "
+                     "one process per host")
     return table
 
 

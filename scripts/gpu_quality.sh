@@ -42,6 +42,7 @@ prepare)
 eval)
     LEN=$2; SAMPLES=$3
     t0=$(date +%s)
+    END=${END:-$(( t0 + 590 ))}  # epoch seconds by which the eval must have stopped (the call's limit)
     timeout 240 $PY -m apb_cli.main eval --tasks all --len "$LEN" --samples 3 --methods full --hosts 2 --workers 1 \
         --device cuda --model "$MODEL" --max-new-tokens "$MAX_NEW" --out "$OUT/select_$LEN.jsonl" --json \
         > "$OUT/select_$LEN.json" 2> "$OUT/select_$LEN.log"
@@ -55,7 +56,7 @@ EOF
 )
     echo "tasks where full > 20 at $LEN: $TASKS"
     [ -n "$TASKS" ] || exit 0
-    timeout $(( 590 - ($(date +%s) - t0) )) $PY -m apb_cli.main eval --tasks "$TASKS" --len "$LEN" --samples "$SAMPLES" --methods full,star,apb \
+    timeout $(( END - $(date +%s) )) $PY -m apb_cli.main eval --tasks "$TASKS" --len "$LEN" --samples "$SAMPLES" --methods full,star,apb \
         --hosts "$HOSTS" --workers 1 --device cuda --model "$MODEL" --max-new-tokens "$MAX_NEW" \
         --out "$OUT/eval_$LEN.jsonl" --json > "$OUT/eval_$LEN.json" 2> "$OUT/eval_$LEN.log"
     echo "eval exit $? after $(( $(date +%s) - t0 )) s"

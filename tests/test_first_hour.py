@@ -208,7 +208,7 @@ def test_worker_killed_for_memory_is_said(code: int, words: str) -> None:
     from apb_core.dist.launcher import Workers
 
     workers = Workers.__new__(Workers)
-    workers.procs, workers.timeout_s = [types.SimpleNamespace(exitcode=code)], 60.0
+    workers.procs, workers.timeout_s, workers.per_worker = [types.SimpleNamespace(exitcode=code)], 60.0, 1
     message = str(workers._died(0))
     assert message.startswith("worker 0 died") and words in message
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apb_core.algorithm.attention import attend_after_prefix, merge_partials
+from apb_core.algorithm.attention import attend_after_prefix
 from apb_core.algorithm.compressor import Compressor, RetainingHeads
 from apb_core.algorithm.layout import HostPlan
 from apb_core.algorithm.methods import PassingSpec
 from apb_core.dist.comm import Comm, ProcessComm
 from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
+from apb_core.runtime.merge import merge_hosts
 from apb_core.runtime.prefill import PrefillCall, Strategy, apb_prefill
 from apb_core.runtime.static_decode import StaticDecoder
 from apb_core.runtime.timing import NO_TIMER, PhaseTimer
@@ -88,17 +89,7 @@ class DecodeCall:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         parts = [self._local(cache, i == self.writer, layer, q, k, v, scale) for i, cache in enumerate(self.caches)]
-        if len(parts) == 1 and self.comm is None:
-            out, lse = parts[0]
-        else:
-            if len(parts) == 1:
-                out, lse = parts[0][0].float(), parts[0][1]
-            else:  # this process's hosts first, in fp32 (the merge is associative)
-                out, lse = merge_partials([o.float() for o, _ in parts], [x for _, x in parts])
-            if self.comm is not None:
-                gathered = self.comm.all_gather(torch.cat([out, lse.unsqueeze(-1)], dim=-1))  # [W or H, B, Hq, s, D+1]
-                out, lse = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
-            out = out.to(q.dtype)
+        out, lse = merge_hosts(parts, self.comm, q.dtype)
         for cache, mass in zip(self.caches, self.masses, strict=False):
             if mass is not None:
                 mass.add(layer, q, cache.view(layer, mass.block_len)[0], lse, scale)
@@ -155,6 +146,7 @@ class HostEngine:
         self.decode_mode = decode
         self._decoder: StaticDecoder | None = None  # built at the first token after a prefill
         self.mass: AttentionMass | None = None  # --cite: set after a prefill by collect_mass
+        self.parked: dict[str, ParkedCache] = {}  # the server's other documents' KV, by key (park/resume)
         use_apb_attention(model)
 
     @property
@@ -282,13 +274,6 @@ class HostEngine:
     # The server's document cache (apb_core.serve.cache decides, apb_core.runtime.reuse.ServeJob tells every
     # host): several documents' KV kept aside by key. Only the launcher chooses keys and evictions, so every
     # host parks, resumes and drops the same keys; a new worker starts with none.
-
-    @property
-    def parked(self) -> dict[str, ParkedCache]:
-        """The KV caches set aside by `park`, by key (created on first use)."""
-        if "_parked" not in self.__dict__:
-            self._parked: dict[str, ParkedCache] = {}
-        return self._parked
 
     def park(self, key: str) -> None:
         """Set the current cache (the document's KV, rewound) aside under `key`; no cache is current afterwards,

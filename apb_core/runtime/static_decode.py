@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from apb_core.algorithm.attention import merge_partials
 from apb_core.runtime.attention_mass import AttentionMass
 from apb_core.runtime.cache import HostCache
+from apb_core.runtime.merge import merge_hosts
 from kernels import DecodeAttention
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture (allocator and NCCL set-up happen there)
@@ -54,17 +54,7 @@ class StaticDecodeCall:
                 v_cache.index_copy_(2, used, v)
                 used = used + 1
             parts.append(self.attentions[i](q, k_cache, v_cache, used.to(torch.int32), scale))
-        if len(parts) == 1 and self.comm is None:
-            out, lse = parts[0]
-        else:
-            if len(parts) == 1:
-                out, lse = parts[0][0].float(), parts[0][1]
-            else:  # this process's hosts first, in fp32
-                out, lse = merge_partials([o.float() for o, _ in parts], [x for _, x in parts])
-            if self.comm is not None:
-                gathered = self.comm.all_gather(torch.cat([out, lse.unsqueeze(-1)], dim=-1))  # [W or H, B, Hq, 1, D+1]
-                out, lse = merge_partials([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
-            out = out.to(q.dtype)
+        out, lse = merge_hosts(parts, self.comm, q.dtype)
         for cache, mass in zip(self.caches, self.masses, strict=True):
             if mass is not None:
                 mass.add(layer, q, cache.k[layer][:, :, : mass.block_len], lse, scale)
