@@ -130,7 +130,7 @@ def run_bench_command(opts: BenchOptions) -> int:
     if opts.plot:
         write_plot(report.rows, opts.plot)
         console.print(f"apb bench: wrote {opts.plot}")
-    console.print(results_table(report.rows, opts.device))
+    console.print(results_table(report.rows, opts.device, one_device=opts.workers < opts.hosts))
     if opts.device == "cpu":
         console.print(f"[dim]peak resident memory: {payload['machine']['peak_rss_gib']:.2f} GiB (the largest "
                       "process of the run; CPU runs have no per-method peak)[/]")
@@ -163,17 +163,19 @@ def peak_rss_gib() -> float:
     return kib / 2**20
 
 
-def results_table(rows: list[dict[str, Any]], device: str = "cuda") -> Table:
+def results_table(rows: list[dict[str, Any]], device: str = "cuda", one_device: bool = False) -> Table:
     """One line per (length, method): time, throughput, speedup, FLOP rates, memory, decode.
 
     On CPU the hosts are processes ("hosts", not "GPUs"), rates are GFLOP/s (TFLOP/s would round to 0.0) and
-    there is no per-method peak memory (n/a; `run_bench_command` prints the run's peak resident set)."""
-    table = Table(title="apb bench: prefill", title_justify="left")
+    there is no per-method peak memory (n/a; `run_bench_command` prints the run's peak resident set).
+    one_device: the hosts took turns in fewer processes (--workers): a column of hosts, not GPUs."""
+    table = Table(title="apb bench: prefill" + (" (hosts in turn: times are one device's)" if one_device else ""),
+                  title_justify="left")
     gpu = device == "cuda"
     unit, scale, per = ("TFLOP/s", 1.0, "GPU") if gpu else ("GFLOP/s", 1e3, "host")
-    for name in ("len", "method", "GPUs" if gpu else "hosts", "prefill s", "tok/s", "vs single", f"eff {unit}",
-                 f"exec {unit}/{per}", f"busiest {unit}", "peak GiB", "passing recv", "decode ms/tok", "answer s",
-                 "logits Δ vs single"):
+    hosts = "GPUs" if gpu and not one_device else "hosts"
+    for name in ("len", "method", hosts, "prefill s", "tok/s", "vs single", f"eff {unit}", f"exec {unit}/{per}",
+                 f"busiest {unit}", "peak GiB", "passing recv", "decode ms/tok", "answer s", "logits Δ vs single"):
         table.add_column(name, justify="left" if name == "method" else "right")
 
     def rate(value: float | None) -> str:

@@ -88,6 +88,12 @@ def eval_command(
                      help="niah_multikey_1/niah_multiquery: ask each key as its own question about the document; "
                           "apb answers them with one prefill each and again over one shared prefill (apb+shared)."),
     ] = False,
+    reuse_prefill: Annotated[
+        bool,
+        typer.Option("--reuse-prefill",
+                     help="With --split-questions: apb also answers each key's question over the prefill made for "
+                          "another key's question (apb+reuse): what `apb serve`'s \"apb\": {\"reuse\": true} does."),
+    ] = False,
     cite: Annotated[
         bool, typer.Option("--cite", help="Cite sources too; needle tasks record cite_hit (the top citation holds "
                                           "the needle).")
@@ -103,7 +109,7 @@ def eval_command(
             auto_exact=auto_exact, layout=layout.strip().lower(), anchor_len=anchor_len, passing_len=passing_len,
             device=device,
             max_new_tokens=max_new_tokens, threads=threads, quiet=quiet, split_questions=split_questions,
-            retaining_heads=retaining_heads, cite=cite,
+            reuse_prefill=reuse_prefill, retaining_heads=retaining_heads, cite=cite,
         ))
 
     code = handler.run_command(body)
@@ -124,6 +130,7 @@ def run_eval_command(opts: EvalOptions) -> int:
                         methods=list(opts.methods), hosts=list(opts.hosts), model=opts.model, seed=opts.seed,
                         device=opts.device, max_new_tokens=opts.max_new_tokens, threads=opts.threads,
                         ablation=opts.ablation(), split_questions=opts.split_questions,
+                        reuse_prefill=opts.reuse_prefill,
                         retaining_heads=opts.retaining_heads, cite=opts.cite, workers=list(opts.workers_per_hosts))
     for note in opts.notes:
         console.print(f"[dim]apb: note: {note}[/]")
@@ -164,6 +171,8 @@ def column_keys(summary: dict[str, Any]) -> list[tuple[str, int]]:
         keys += [(m, hosts) for m in config["methods"] if m != "full"]
         if config.get("split_questions") and "apb" in config["methods"]:
             keys.append(("apb+shared", hosts))  # apb's per-key questions over one prefill (eval.runner)
+        if config.get("reuse_prefill"):
+            keys.append(("apb+reuse", hosts))  # ... each over the prefill made for another key's question
     return keys
 
 

@@ -424,6 +424,7 @@ class EvalOptions:
     threads: int | None
     quiet: bool
     split_questions: bool = False
+    reuse_prefill: bool = False  # with split_questions: apb also answers each key over another key's prefill
     retaining_heads: str | None = None  # safetensors heads file for --compressor retaining_heads
     cite: bool = False  # cite sources; needle tasks record cite_hit
     workers: int | None = None  # worker processes for every --hosts value (None: one per host, or Placement's)
@@ -442,6 +443,8 @@ class EvalOptions:
         passing_len = parse_passing_len(self.passing_len)
         check_at_least("--max-new-tokens", self.max_new_tokens, 1)
         check_at_least("--threads", self.threads, 1)
+        if self.reuse_prefill and not (self.split_questions and "apb" in self.methods):
+            raise InputError("--reuse-prefill needs --split-questions and the apb method")
         placements = [resolve_device_hosts(self.device, h, cuda_count, self.workers) for h in self.hosts]
         device = placements[0].device
         notes = tuple(dict.fromkeys(n for p in placements for n in p.notes))

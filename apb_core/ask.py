@@ -98,9 +98,13 @@ class Session:
 
     def answer_all(self, document: str, questions: list[str], index: int = 0,
                    answer_prefixes: list[str] | None = None, t_start: float | None = None,
-                   settings: AskRequest | None = None) -> list[AskResult]:
+                   settings: AskRequest | None = None, prefill_for: int | None = None) -> list[AskResult]:
         """Answer `questions` about `document` in order, over one prefill where `shares_prefill` says so (else
-        one prefill each); questions are numbered index, index + 1, ... in events. `settings` as in `answer`."""
+        one prefill each); questions are numbered index, index + 1, ... in events. `settings` as in `answer`.
+
+        prefill_for: answer them all over one prefill made for questions[prefill_for] alone (its anchor and
+        probe; the others are not in it). Where the layout reads the question, the other answers are what the
+        server's `"apb": {"reuse": true}` gives; `apb eval --reuse-prefill` measures them."""
         req = settings or self.request
         if not questions or any(not q.strip() for q in questions):
             raise InputError("the question is empty")
@@ -112,7 +116,7 @@ class Session:
                                 req.layout, device=self.request.device)
         tokenize_s = time.perf_counter() - t0 + (self.setup_s if index == 0 else 0.0)
         start = t_start if t_start is not None else t0
-        if len(questions) > 1 and self.shares_prefill(method, req):
+        if prefill_for is not None or len(questions) > 1 and self.shares_prefill(method, req):
             groups = [list(range(len(questions)))]
         else:
             groups = [[i] for i in range(len(questions))]
@@ -120,7 +124,8 @@ class Session:
         for group in groups:
             t_group = time.perf_counter()
             self.emit(Event("phase", phase="prefill", question=index + group[0]))
-            job = AskJob(shared_prompt([prompts[i] for i in group]), method, req.max_new_tokens, req.temperature,
+            prefill = prompts[prefill_for] if prefill_for is not None else shared_prompt([prompts[i] for i in group])
+            job = AskJob(prefill, method, req.max_new_tokens, req.temperature,
                          req.top_p, req.seed, list(req.stop), self.eos, index=index + group[0],
                          query_parts=[prompts[i].query_ids for i in group] if len(group) > 1 else [],
                          cite=req.cite)

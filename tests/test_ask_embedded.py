@@ -83,3 +83,22 @@ def test_cite_points_at_the_planted_fact(document):
     assert FACT in top.text and (top.line_start, top.line_end, top.page) == (1, 1, None)
     assert 0 < top.score <= 1 and len(result.citations) == 3
     assert [c.score for c in result.citations] == sorted((c.score for c in result.citations), reverse=True)
+
+
+def test_apb_compressed_answers_a_needle_in_a_middle_host():
+    """Three hosts in one process (--workers 1), compression on: the fact sits inside host 1's block (not host
+    0's, which is exact for every method), and the answer still has it."""
+    document = haystack(270, depth=0.5, seed=1)
+    request = AskRequest(document=document, questions=[QUESTION], hosts=3, workers=1, method="apb",
+                         max_new_tokens=24, auto_exact=False)
+    with Session(request) as session:
+        result = session.answer(document, QUESTION)
+        doc_tokens = len(session.tokenizer(document, add_special_tokens=False)["input_ids"])
+        before = len(session.tokenizer(document[: document.index(FACT)], add_special_tokens=False)["input_ids"])
+    blocks = [h.block_tokens for h in result.host_stats]
+    needle = result.context_tokens - doc_tokens + before  # the chat template's head comes first
+    assert blocks[0] + 0.1 * blocks[1] < needle < blocks[0] + 0.9 * blocks[1], (needle, blocks)
+    assert not result.auto_exact and result.workers == 1
+    assert 0 < result.passing_len < min(blocks)  # compressed: each host passes a part of its block
+    assert [h.passing_tokens > 0 for h in result.host_stats] == [False, True, True]
+    assert "7481" in result.answer

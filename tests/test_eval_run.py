@@ -210,3 +210,45 @@ def test_split_questions_ask_every_key_with_and_without_a_shared_prefill(tmp_pat
     assert cells["apb+shared"].delta_vs_full == -75.0
     with pytest.raises(InputError, match="split-questions"):
         run_eval(EvalConfig(tasks=["niah_single_1"], lengths=[1024], split_questions=True))
+
+
+class _ReuseSession(_SplitSession):
+    """answer_all(prefill_for=j) as Session does it: one prefill made for question j answers them all; here only
+    j's own question finds its key's number over it."""
+
+    calls_for: list[int | None] = []
+
+    def answer_all(self, document: str, questions: list[str], index: int = 0,
+                   answer_prefixes: list[str] | None = None, t_start: float | None = None,
+                   settings: AskRequest | None = None, prefill_for: int | None = None) -> list[AskResult]:
+        from dataclasses import replace
+
+        _ReuseSession.calls_for.append(prefill_for)
+        results = super().answer_all(document, questions, index, answer_prefixes, t_start, settings)
+        if prefill_for is None:
+            return results
+        return [r if j == prefill_for else replace(r, answer="no idea") for j, r in enumerate(results)]
+
+
+def test_reuse_prefill_answers_every_key_over_another_keys_prefill(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--reuse-prefill: each key's question over its own prefill (apb) and over the prefill made for the key
+    before it (apb+reuse), four prefills for both, then the shared prefill's rows as without it."""
+    import apb_core.ask
+
+    monkeypatch.setattr(apb_core.ask, "Session", _ReuseSession)
+    _FakeSession.calls, _ReuseSession.calls_for = [], []
+    config = EvalConfig(tasks=["niah_multiquery"], lengths=[1024], samples=1, methods=["apb"], hosts=[2],
+                        split_questions=True, reuse_prefill=True)
+    summary = run_eval(config, out_path=tmp_path / "rows.jsonl")
+    assert _ReuseSession.calls_for == [0, 0, 0, 0, None]
+    assert [s.shared_prefill for _, s in _FakeSession.calls] == [False] * 4 + [True]
+    rows = read_rows(tmp_path / "rows.jsonl")
+    assert [(r["method"], r["question"], r.get("prefill_question")) for r in rows] == [
+        *[row for j in range(4) for row in (("apb", j, j), ("apb+reuse", (j + 1) % 4, j))],
+        *[("apb+shared", j, None) for j in range(4)]]
+    assert {c.method: c.accuracy for c in summary.cells} == {"apb": 100.0, "apb+reuse": 0.0, "apb+shared": 25.0}
+    assert summary.rows == 12 and summary.config["reuse_prefill"] is True
+    with pytest.raises(InputError, match="reuse-prefill"):
+        run_eval(EvalConfig(tasks=["niah_multiquery"], lengths=[1024], methods=["full"], split_questions=True,
+                            reuse_prefill=True))

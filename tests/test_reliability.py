@@ -207,6 +207,25 @@ def test_worker_fault_ends_every_process_with_one_line(kind, phase, tmp_path, ti
     assert to_exit < limit, f"{to_exit:.1f} s from the fault to apb's exit"
 
 
+@pytest.mark.parametrize("kind,phase,cause", [
+    ("raise", "decode", r"worker 1 failed: InjectedFault: injected fault: rank 1 raise in decode"),
+    ("hang", "prefill", r"worker 1 failed: HostStuck: host 1 is stuck: host 0 waited \S+ s for its turn .*"),
+    ("exit", "prefill", r"worker process 0 \(hosts 0-1\) died \(exit code 3\)"),  # the host's exit is its process's
+])
+def test_fault_in_hosts_that_share_a_process(kind, phase, cause, tmp_path, tiny_model_dir, doc):
+    """--workers 1: both hosts are threads of one worker; a fault in host 1 still ends the run with one line,
+    within the collective timeout for a hang, and leaves no process behind."""
+    run = start_apb(tmp_path, tiny_model_dir, doc, "--workers", "1", fault=f"rank=1,phase={phase},kind={kind}")
+    code = run.wait(timeout=90.0)
+    fired = (run.markers / f"{phase}-1").stat().st_mtime
+    run.wait_gone()
+    line = one_line(run.stderr())
+    assert code == 1, line
+    assert re.fullmatch(r"apb: error: " + cause + r".*", line), line
+    limit = HANG_TIMEOUT_S + 10.0 if kind == "hang" else FAULT_EXIT_S
+    assert run.exited_at - fired < limit
+
+
 def test_out_of_memory_names_the_hosts_the_length_and_what_fits(tmp_path, tiny_model_dir, doc):
     run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=*,phase=prefill,kind=oom")
     code = run.wait(timeout=60.0)

@@ -1,7 +1,8 @@
 """`apb serve` as a user runs it: a real server process on localhost (embedded model, one CPU host) and a real
 HTTP client: health, models, plain and streamed completions, the document cache (several documents, evicted
 least recently used first), citations, bad requests, the API key, and SIGTERM (exit 0 within 10 s, no process
-left)."""
+left). A server with two hosts in worker processes: a client that leaves cancels its generation on the
+workers, APB reuse (`"apb": {"reuse": true}`), and a killed worker."""
 
 from __future__ import annotations
 
@@ -42,12 +43,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _running_server(*args: str):
-    """A `apb serve` process on a free port (embedded model, one CPU host) and an httpx client with the key;
-    killed with its whole session afterwards."""
+def _running_server(*args: str, hosts: int = 1):
+    """A `apb serve` process on a free port (embedded model, `hosts` CPU hosts: one in the server's process, or
+    worker processes of one thread each) and an httpx client with the key; killed with its whole session
+    afterwards."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts", "1",
-           "--api-key", KEY, *args]
+    cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts",
+           str(hosts), *(["--threads", "1"] if hosts > 1 else []), "--api-key", KEY, *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -70,15 +72,27 @@ def _running_server(*args: str):
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server():
+def _need_embedded_model() -> None:
     try:
         from apb_core import models
 
         models.resolve_model(None)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"embedded model not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    _need_embedded_model()
     with _running_server() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """A server with two hosts in worker processes (one thread each)."""
+    _need_embedded_model()
+    with _running_server(hosts=2) as running:
         yield running
 
 
@@ -166,6 +180,80 @@ def test_disconnect_cancels_the_generation(server):
     assert after.status_code == 200 and after.json()["apb"]["cache_hit"] is True
     cache = client.get("/health").json()["cache"]
     assert (cache["hits"], cache["misses"]) == (before["hits"] + 1, before["misses"])
+
+
+# a document and question that the embedded model answers at length (greedy: it counts on to max_tokens)
+NUMBERS = "\n".join(str(i) for i in range(1, 101))
+COUNT_ON = "Continue this list of numbers up to 2000, one per line."
+
+
+def _leave_after(client, body: dict, chunks: int) -> float:
+    """Stream `body`, read `chunks` pieces of text and close the connection; seconds per piece."""
+    times = []
+    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                times.append(time.monotonic())
+                if len(times) == chunks:
+                    break
+    return (times[-1] - times[0]) / (chunks - 1)
+
+
+def test_disconnect_cancels_the_generation_on_the_workers(two_hosts):
+    """Two hosts in worker processes: a client that leaves a long streamed generation (2000 tokens) cancels it on
+    the workers, so the next request is answered long before that generation would have ended; the cancelled
+    requests (a new prefill, then a cache hit) leave the cache as the workers hold it: the next questions about
+    the document are hits, and /health is ready, with neither cancelled request counted."""
+    _, client = two_hosts
+    long = _chat(COUNT_ON, document=NUMBERS, max_tokens=2000)
+    short = _chat("What is the first number of the list?", document=NUMBERS, max_tokens=4)
+    before = client.get("/health").json()["cache"]
+    for cancelled in range(2):  # a miss (its prefill parked), then a hit (its KV parked back)
+        per_token = _leave_after(client, long, chunks=6)
+        t0 = time.monotonic()
+        after = client.post("/v1/chat/completions", json=short)
+        took = time.monotonic() - t0
+        rest = 2000 * per_token  # what the generation left behind would still have taken, about
+        print(f"answered {took:.1f} s after leaving; the rest of the generation: ~{rest:.0f} s")
+        assert after.status_code == 200, after.text
+        assert after.json()["apb"]["cache_hit"] is True
+        assert took < 30 and took < rest / 3
+        health = client.get("/health").json()
+        assert health["status"] == "ready" and health["restarts"] == 0
+        cache = health["cache"]
+        assert (cache["hits"] - before["hits"], cache["misses"] - before["misses"],
+                cache["entries"] - before["entries"]) == (cancelled + 1, 0, 1)
+
+
+def test_reuse_answers_over_the_prefill_of_an_earlier_question(two_hosts):
+    """APB compressing over two hosts (anchor and passing given: no auto-exact). With "reuse" a second question
+    is answered over the prefill kept for the first (a hit without a prefill; `reused_prefill` and
+    `prefill_question` say so); without it that question is prefilled again and the kept prefill stays; the
+    first question again, with reuse, is answered over its own prefill: exactly the first answer."""
+    _, client = two_hosts
+    compressing = {"method": "apb", "anchor_len": 64, "passing_len": 32}
+
+    def ask(question: str, **opts) -> dict:
+        body = _chat(question, document=DOC_A, max_tokens=8, apb=dict(compressing, **opts))
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["apb"] | {"answer": reply.json()["choices"][0]["message"]["content"]}
+
+    before = client.get("/health").json()["cache"]
+    first = ask(QUESTION_A, reuse=True)
+    assert (first["cache_hit"], first["reused_prefill"]) == (False, False)
+    assert first["result"]["anchor_len"] == 64 and first["result"]["auto_exact"] is False
+    second = ask(QUESTION_A2, reuse=True)
+    assert (second["cache_hit"], second["reused_prefill"], second["prefill_question"]) == (True, True, QUESTION_A)
+    assert second["result"]["timings"]["prefill_s"] == 0.0
+    fresh = ask(QUESTION_A2)
+    assert (fresh["cache_hit"], fresh["reused_prefill"]) == (False, False) and "prefill_question" not in fresh
+    again = ask(QUESTION_A, reuse=True)
+    assert (again["cache_hit"], again["reused_prefill"]) == (True, False) and again["answer"] == first["answer"]
+    cache = client.get("/health").json()["cache"]
+    assert (cache["hits"] - before["hits"], cache["misses"] - before["misses"],
+            cache["entries"] - before["entries"]) == (2, 2, 1)
 
 
 def test_bad_requests_are_400(server):
@@ -410,7 +498,7 @@ def test_serve_jobs_park_resume_and_drop_the_hosts_kv():
     from apb_core.runtime.prompt import Prompt
     from apb_core.runtime.reuse import ServeJob
 
-    host = SimpleNamespace(engine=HostEngine(tiny_model()), tokenizer=None, faults=NO_FAULTS)
+    host = SimpleNamespace(engine=HostEngine(tiny_model()), tokenizer=None, faults=NO_FAULTS, cancel=None)
 
     def run(seed: int, key: str, **plan):
         prompt = Prompt(tokens(seed, 40), tokens(99, 5), [], [], 0)
@@ -425,6 +513,28 @@ def test_serve_jobs_park_resume_and_drop_the_hosts_kv():
     assert torch.equal(again.first_logits, first.first_logits)
     run(3, "c", keep=True, drop=("b",))
     assert sorted(host.engine.parked) == ["a", "c"]
+
+
+def test_document_cache_plans_reuse_of_a_question_reading_prefill():
+    """A layout that reads the question: the kept entry remembers the question its prefill read, a reuse hit
+    says which (made_for), a request without reuse (entry None) neither hits nor replaces it; a cancelled job
+    records the prefill the hosts parked and counts nothing."""
+    from apb_core.serve.cache import DocumentCache, Entry
+
+    cache = DocumentCache(limit_bytes=1000)
+    first = cache.plan("k", 10, Entry(100, 50, "q1"))
+    assert (first.hit, first.keep, first.made_for) == (False, True, None)
+    cache.done(first)
+    without = cache.plan("k", 10, None)
+    assert (without.hit, without.keep, without.drop) == (False, False, ())
+    cache.done(without)
+    hit = cache.plan("k", 10, Entry(100, 50, "q2"))
+    assert (hit.hit, hit.made_for) == (True, "q1")
+    cache.done(hit)
+    assert cache.entries["k"].question == "q1"
+    cancelled = cache.plan("n", 10, Entry(100, 50, "q3"))
+    cache.cancelled(cancelled)
+    assert list(cache.entries) == ["k", "n"] and (cache.hits, cache.misses) == (1, 2)
 
 
 def test_a_full_queue_is_busy():

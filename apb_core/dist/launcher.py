@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -52,7 +53,11 @@ def default_start_method(device: str) -> str:
 class Workers:
     """W worker processes (`worker_main`) running H hosts (W = H by default; W < H: H/W hosts per process that
     take turns, apb_core.dist.local_hosts) that keep their model loaded across jobs. Use as a context manager;
-    `start()` first lets the caller work (read and tokenize the document) while the workers import and load."""
+    `start()` first lets the caller work (read and tokenize the document) while the workers import and load.
+
+    `cancel`: a multiprocessing.Event every worker holds from its start: set, it ends the running job's decode
+    on every host at the same token (runtime.generate.decode: the last host reads it); the caller clears it
+    before a job (the server, apb_core.serve.engine, sets it when a client goes away)."""
 
     name = "apb-worker"
 
@@ -67,6 +72,7 @@ class Workers:
         self.on_event = on_event or (lambda e: None)
         method = start_method or spec.env.start_method or default_start_method(spec.device)
         self.ctx = mp.get_context(method)
+        self.cancel = self.ctx.Event()
         self.procs: list[mp.process.BaseProcess] = []
         self.load_s: list[float] = [0.0] * hosts
         self.ready = False
@@ -83,7 +89,8 @@ class Workers:
             for index in range(self.workers):
                 p = self.ctx.Process(
                     target=worker_main,
-                    args=(index, self.hosts, self.workers, self.spec, init_method, self.jobs[index], self.events),
+                    args=(index, self.hosts, self.workers, self.spec, init_method, self.jobs[index], self.events,
+                          self.cancel),
                     name=f"{self.name}-{index}", daemon=True,
                 )
                 p.start()
@@ -185,7 +192,9 @@ class Workers:
         elif code == -signal.SIGABRT and alive:  # what NCCL's watchdog does to a worker whose collective timed out
             why += (f": aborted, e.g. by NCCL after {self.timeout_s:g} s in a collective; worker(s) "
                     f"{', '.join(alive)} still running")
-        return WorkerError(f"worker {rank} died ({why})")
+        who = f"worker {rank}" if self.per_worker == 1 else (
+            f"worker process {index} (hosts {rank}-{rank + self.per_worker - 1})")
+        return WorkerError(f"{who} died ({why})")
 
     def _fail(self, rank: int, text: str) -> None:
         """Stop every worker and raise one WorkerError naming the cause, which is not always the first report:
@@ -263,7 +272,9 @@ class Workers:
 
 
 class InlineHost:
-    """The host in this process (no start-up cost): one host, or one torchrun rank (rank 0 reports events)."""
+    """The host in this process (no start-up cost): one host, or one torchrun rank (rank 0 reports events).
+    `cancel` as Workers' (a threading.Event: the host runs in this process; under torchrun every rank holds its
+    own, and only the last rank's counts)."""
 
     def __init__(self, spec: WorkerSpec, on_event: Callable[[Event], None] | None = None) -> None:
         torchrun = spec.env.torchrun
@@ -274,6 +285,7 @@ class InlineHost:
         self.on_event = (on_event or (lambda e: None)) if self.rank == 0 else (lambda e: None)
         self.load_s = [0.0]
         self.host = None
+        self.cancel = threading.Event()
 
     def start(self) -> InlineHost:
         """Nothing to start ahead: the host loads in this process, in `__enter__` (the same interface as Workers)."""
@@ -285,7 +297,7 @@ class InlineHost:
         device = device_for(self.spec, self.local_rank)
         init_group(self.rank, self.hosts, device, "env://", self.spec.env.collective_timeout_s)
         try:
-            self.host = load_hosts(self.spec, self.rank, 1, self.hosts, device).hosts[0]
+            self.host = load_hosts(self.spec, self.rank, 1, self.hosts, device, cancel=self.cancel).hosts[0]
         except Exception as exc:
             if not is_oom(exc):
                 raise

@@ -31,6 +31,13 @@ import torch
 from apb_core.dist.comm import ProcessComm
 
 
+ABORT_GRACE_S = 1.0  # after a failure, how long the other hosts get to reach a collective and stop
+
+
+class HostStuck(TimeoutError):
+    """A host held its turn past the collective timeout (the others' wait timed out); `apb_rank`: that host."""
+
+
 class HostAborted(RuntimeError):
     """Another host of this process failed: this one stops at its next collective."""
 
@@ -100,8 +107,10 @@ class LocalHosts:
                 raise HostAborted(f"host {self.first_rank + local} stopped: another host failed")
             left = deadline - time.monotonic()
             if left <= 0:
-                err = TimeoutError(f"host {self.first_rank + local} timed out after {self.timeout_s:g} s waiting "
-                                   f"for host {self.first_rank + self.turn} (in-process hosts)")
+                stuck = self.first_rank + self.turn
+                err = HostStuck(f"host {stuck} is stuck: host {self.first_rank + local} waited {self.timeout_s:g} s "
+                                "for its turn (in-process hosts; APB_COLLECTIVE_TIMEOUT sets the limit)")
+                err.apb_rank = stuck  # type: ignore[attr-defined]
                 self.error = self.error or err
                 self.cond.notify_all()
                 raise err
@@ -202,7 +211,9 @@ class HostComm:
 def run_in_turn(shared: LocalHosts, hosts: list[Any], job: Any, emit: Callable[[Any], None],
                 set_device: Callable[[], None] = lambda: None) -> list[Any]:
     """Run `job.run(host, emit)` for every in-process host, one thread each, taking turns; results in local order.
-    The first failure is re-raised (with the failing host's rank as `exc.apb_rank`) after every thread ended."""
+    The first failure is re-raised (with the failing host's rank as `exc.apb_rank`) once the other hosts have
+    stopped, or after ABORT_GRACE_S if one is stuck where it cannot see the abort (the caller, a worker process,
+    then exits, and the stuck daemon thread with it)."""
     shared.reset()
     results: list[Any] = [None] * len(hosts)
     errors: list[tuple[int, BaseException]] = []
@@ -221,11 +232,18 @@ def run_in_turn(shared: LocalHosts, hosts: list[Any], job: Any, emit: Callable[[
                for i in range(len(hosts))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    failed_at = None
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=0.05)
+        if errors and failed_at is None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > ABORT_GRACE_S:
+            break  # a host stuck outside any collective never sees the abort: the worker process ends it
     if errors:
         first = [e for e in errors if not isinstance(e[1], HostAborted)] or errors
         local, exc = first[0]
-        exc.apb_rank = shared.first_rank + local  # type: ignore[attr-defined]
+        if not hasattr(exc, "apb_rank"):
+            exc.apb_rank = shared.first_rank + local  # type: ignore[attr-defined]
         raise exc
     return results

@@ -52,12 +52,15 @@ class WorkerSpec:
 
 @dataclass
 class Host:
-    """A loaded host: its engine, the tokenizer (None for random-weight presets) and the run's faults."""
+    """A loaded host: its engine, the tokenizer (None for random-weight presets) and the run's faults. `cancel`:
+    the launcher's cancel flag (runtime.generate.CancelFlag), the same object in every host of the run, which
+    the last host reads before each token (None: nothing cancels)."""
 
     engine: Any  # apb_core.runtime.engine.HostEngine
     tokenizer: Any
     faults: Faults
     load_s: float
+    cancel: Any = None
 
 
 def device_for(spec: WorkerSpec, local_rank: int) -> torch.device:
@@ -126,9 +129,10 @@ class LocalSet:
 
 
 def load_hosts(spec: WorkerSpec, first: int, count: int, hosts: int, device: torch.device,
-               outer: Any = None) -> LocalSet:
+               outer: Any = None, cancel: Any = None) -> LocalSet:
     """Load the model once and build the engines of hosts first .. first + count - 1 of `hosts`. outer: the
-    ProcessComm of the worker processes when several hosts share each of them (None: W = 1 or W = H)."""
+    ProcessComm of the worker processes when several hosts share each of them (None: W = 1 or W = H).
+    cancel: the launcher's cancel flag, given to every host (Host.cancel)."""
     from apb_core.dist.comm import ProcessComm
     from apb_core.dist.local_hosts import LocalHosts
     from apb_core.runtime.engine import HostEngine
@@ -145,12 +149,14 @@ def load_hosts(spec: WorkerSpec, first: int, count: int, hosts: int, device: tor
                           decode=spec.decode) for i in range(count)]
     faults = Faults.from_env(spec.env)
     load_s = time.perf_counter() - t0
-    return LocalSet([Host(engine, tokenizer, faults, load_s) for engine in engines], turns, device)
+    return LocalSet([Host(engine, tokenizer, faults, load_s, cancel) for engine in engines], turns, device)
 
 
-def worker_main(index: int, hosts: int, workers: int, spec: WorkerSpec, init_method: str, jobs, events) -> None:
+def worker_main(index: int, hosts: int, workers: int, spec: WorkerSpec, init_method: str, jobs, events,
+                cancel: Any = None) -> None:
     """Process entry (spawned or forked by the launcher): load, then run jobs until a None arrives. Worker
-    `index` of `workers` runs hosts index * H/W .. (index + 1) * H/W - 1."""
+    `index` of `workers` runs hosts index * H/W .. (index + 1) * H/W - 1. `cancel`: the launcher's
+    multiprocessing.Event (Workers.cancel), handed over at start so that fork and spawn both share it."""
     from apb_core.api import Event
     from apb_core.dist.comm import ProcessComm
 
@@ -167,7 +173,7 @@ def worker_main(index: int, hosts: int, workers: int, spec: WorkerSpec, init_met
         for rank in ranks:
             Faults.from_env(spec.env).point("load", rank)
         outer = ProcessComm(index, workers) if count > 1 and workers > 1 else None
-        local = load_hosts(spec, ranks[0], count, hosts, device, outer)
+        local = load_hosts(spec, ranks[0], count, hosts, device, outer, cancel)
         for rank, host in zip(ranks, local.hosts, strict=True):
             events.put(("ready", rank, host.load_s))
         while True:

@@ -24,6 +24,11 @@ Why it is shaped this way:
   answers them with one prefill each; `apb` answers them a second time over one shared prefill (every question
   in the anchor and the probe), in rows labelled `apb+shared`: the measure of what sharing the prefill costs.
   Exact layouts need no such row: shared and separate prefills give them the same tokens (tests/test_engine.py).
+- `reuse_prefill` (`apb eval --split-questions --reuse-prefill`): what the server's `"apb": {"reuse": true}`
+  does, measured before it is offered: each key's question is also answered over the prefill made for the next
+  key's question alone (its anchor and query-aware compression chose tokens for that other question), in rows
+  labelled `apb+reuse` (`prefill_question`: the key the prefill read). The same prefill answers its own question
+  first (the `apb` row), so the mode costs one more query phase and decode per question, and no prefill.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ ABLATION_KEYS = ("compressor", "question_in_anchor", "anchor_len", "passing_len"
 SPLIT_TASKS = tuple(name for name, spec in NIAH_SPECS.items() if spec.keys > 1 and spec.values == 1)
 NEEDLE_TASKS = (*NIAH_SPECS, *INFINITEBENCH_TASKS)  # one passage holds the answer: cite_hit applies
 SHARED = "+shared"  # the label suffix of answers given over one shared prefill (split_questions)
+REUSE = "+reuse"  # ... and of answers given over a prefill made for another question (reuse_prefill)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(TASKS),
     "ruler": RULER_TASKS,
@@ -79,6 +85,7 @@ class EvalConfig:
     threads: int | None = None
     ablation: dict[str, Any] = field(default_factory=dict)
     split_questions: bool = False  # one question per key of SPLIT_TASKS' documents, apb also over one prefill
+    reuse_prefill: bool = False  # split_questions: apb also answers each key over the prefill of another key
     retaining_heads: str | None = None  # heads file the workers load (ablation compressor retaining_heads)
     cite: bool = False  # every answer cites its sources; needle tasks' rows get cite_hit (scoring.cite_hit)
     workers: list[int] | None = None  # worker processes for each hosts value (None: one per host)
@@ -106,6 +113,9 @@ class EvalConfig:
         if self.split_questions and any(t not in SPLIT_TASKS for t in self.tasks):
             raise InputError(f"--split-questions needs tasks whose documents hold several keys: "
                              f"{', '.join(SPLIT_TASKS)}")
+        if self.reuse_prefill and not (self.split_questions and "apb" in self.methods):
+            raise InputError("--reuse-prefill needs --split-questions and the apb method (it answers one key's "
+                             "question over the prefill made for another key of the same document)")
         if self.ablation.get("compressor") == "retaining_heads" and not self.retaining_heads:
             raise InputError("the retaining_heads compressor needs a retaining heads file (retaining_heads)")
         unknown = set(self.ablation) - set(ABLATION_KEYS)
@@ -230,8 +240,9 @@ def run_eval(
     computed_methods = [m for m in config.methods if m != "full"]
     runs_per_sample = len(computed_methods) * len(config.hosts) + (1 if "full" in config.methods else 0)
     total = len(config.lengths) * len(config.tasks) * config.samples * len(config.hosts) * len(config.methods)
-    if config.split_questions:  # SPLIT_TASKS ask 4 keys; apb answers twice
-        total = total // len(config.methods) * 4 * (len(config.methods) + ("apb" in config.methods))
+    if config.split_questions:  # SPLIT_TASKS ask 4 keys; apb answers twice (three times with reuse_prefill)
+        apb_extra = ("apb" in config.methods) * (1 + config.reuse_prefill)
+        total = total // len(config.methods) * 4 * (len(config.methods) + apb_extra)
     done = 0
     asked = 0  # Session.answer's question index (it only labels events and adds set-up time to index 0)
     samples: dict[tuple[int, str, int], Sample] = {}
@@ -262,7 +273,7 @@ def run_eval(
                                            cite=config.cite, **(config.ablation if method == "apb" else {}))
                         if config.split_questions:
                             scored = _ask_split(session, sample, settings, method, hosts, length, asked, config)
-                            asked += len(scored)
+                            asked += len(scored)  # Session.answer's question index (labels only)
                         else:
                             result = session.answer(sample.document, sample.question, asked,
                                                     answer_prefix=sample.answer_prefix, settings=settings)
@@ -308,23 +319,50 @@ def run_eval(
 def _ask_split(session, sample: Sample, settings: AskRequest, method: str, hosts: int, length: int, asked: int,
                config: EvalConfig) -> list[dict[str, Any]]:
     """Rows of `sample`'s per-key questions under `method`: one prefill each, and for apb also all over one
-    shared prefill (labelled method + SHARED)."""
+    shared prefill (labelled method + SHARED) and, with reuse_prefill, each over another key's prefill (REUSE)."""
+    questions = sample.questions
+    texts, prefixes = [q.question for q in questions], [q.answer_prefix for q in questions]
+    separate = replace(settings, shared_prefill=False)
     rows = []
-    for shared in (False, True) if method == "apb" else (False,):
-        questions = sample.questions
-        results = session.answer_all(sample.document, [q.question for q in questions], asked,
-                                     [q.answer_prefix for q in questions],
-                                     settings=replace(settings, shared_prefill=shared))
-        asked += len(results)
-        for j, (question, result) in enumerate(zip(questions, results, strict=True)):
-            points = score(replace(sample, answers=question.answers), result.answer)
-            row = _row(replace(sample, answers=question.answers), result, method + (SHARED if shared else ""),
-                       hosts, points, length, None, config.ablation)
-            row.update(question=j, asked=question.question, expected=question.answers,
-                       answer_prefix=question.answer_prefix, shared_prefill=result.shared_prefill,
-                       ablation=config.ablation if method == "apb" else {})
-            rows.append(row)
+    if method == "apb" and config.reuse_prefill:
+        rows += _ask_reusing(session, sample, separate, hosts, length, asked, config)
+    else:
+        results = session.answer_all(sample.document, texts, asked, prefixes, settings=separate)
+        rows += [_split_row(sample, j, result, method, hosts, length, config) for j, result in enumerate(results)]
+    if method == "apb":
+        results = session.answer_all(sample.document, texts, asked + len(rows), prefixes,
+                                     settings=replace(settings, shared_prefill=True))
+        rows += [_split_row(sample, j, result, method + SHARED, hosts, length, config)
+                 for j, result in enumerate(results)]
     return rows
+
+
+def _ask_reusing(session, sample: Sample, settings: AskRequest, hosts: int, length: int, asked: int,
+                 config: EvalConfig) -> list[dict[str, Any]]:
+    """apb's rows for every key j over the prefill made for key j's question alone, and the next key's rows over
+    that same prefill (REUSE): every question is answered once over its own prefill and once over another's."""
+    questions = sample.questions
+    rows = []
+    for j, question in enumerate(questions):
+        other = (j + 1) % len(questions)
+        own, reused = session.answer_all(
+            sample.document, [question.question, questions[other].question], asked + 2 * j,
+            [question.answer_prefix, questions[other].answer_prefix], settings=settings, prefill_for=0)
+        rows.append(_split_row(sample, j, own, "apb", hosts, length, config, prefill_question=j))
+        rows.append(_split_row(sample, other, reused, "apb" + REUSE, hosts, length, config, prefill_question=j))
+    return rows
+
+
+def _split_row(sample: Sample, j: int, result: AskResult, label: str, hosts: int, length: int, config: EvalConfig,
+               **extra: Any) -> dict[str, Any]:
+    """The row of key j's question of `sample` answered as `result`, scored on that key's answers."""
+    question = sample.questions[j]
+    keyed = replace(sample, answers=question.answers)
+    row = _row(keyed, result, label, hosts, score(keyed, result.answer), length, None, config.ablation)
+    row.update(question=j, asked=question.question, expected=question.answers,
+               answer_prefix=question.answer_prefix, shared_prefill=result.shared_prefill,
+               ablation=config.ablation if label.startswith("apb") else {}, **extra)
+    return row
 
 
 def _generate(task: str, tokenizer: Any, length: int, seed: int, index: int) -> Sample:

@@ -3,6 +3,12 @@
 
 Every host runs the same code. The last host samples each token and broadcasts it; every host decodes the
 text itself (same tokenizer, same ids), so all agree on stop strings without another message.
+
+Cancellation (the server's client went away) rides on the same broadcast: the hosts run collectives together,
+so they must stop at the same step, and one host decides. The last host reads the job's cancel flag (a
+`CancelFlag` the launcher shares with every worker) before each token and broadcasts CANCELLED instead of a
+sampled token; every host then ends the decode with finish_reason "cancelled". A prefill is not interrupted
+(it is seconds at most): the flag is read at the first token after it.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -23,6 +30,15 @@ from apb_core.runtime.prompt import Prompt
 from apb_core.runtime.sampling import StopText, sample_next
 from apb_core.runtime.timing import barrier, sync
 
+CANCELLED = -1  # what the last host broadcasts instead of a token when the job is cancelled (no real token id)
+
+
+class CancelFlag(Protocol):
+    """The launcher's cancel flag as a host sees it: a multiprocessing.Event shared by the worker processes, or a
+    threading.Event for the host in the launcher's process (apb_core.dist.launcher)."""
+
+    def is_set(self) -> bool: ...
+
 
 @dataclass
 class Decoded:
@@ -33,15 +49,17 @@ class Decoded:
     first_logits: torch.Tensor
     query_s: float
     token_s: list[float]
-    finish_reason: str  # "stop" (an end-of-sequence token), "stop_string", "length"
+    finish_reason: str  # "stop" (an end-of-sequence token), "stop_string", "length", "cancelled"
 
 
 def decode(engine: HostEngine, query_ids: list[int], start_pos: int, max_new_tokens: int,
            choose: Callable[[torch.Tensor], int], on_token: Callable[[list[int]], bool] | None = None,
-           eos_ids: tuple[int, ...] | list[int] = (), faults: Faults = NO_FAULTS) -> Decoded:
+           eos_ids: tuple[int, ...] | list[int] = (), faults: Faults = NO_FAULTS,
+           cancel: CancelFlag | None = None) -> Decoded:
     """Run the query part at `start_pos`, then generate up to `max_new_tokens` tokens over the distributed cache.
 
     choose(logits [V]) -> token runs on the last host only. on_token(tokens so far) -> False stops (stop strings).
+    cancel: read by the last host before each token; once set, every host stops there ("cancelled").
     """
     sync(engine.device)
     t0 = time.perf_counter()
@@ -53,7 +71,10 @@ def decode(engine: HostEngine, query_ids: list[int], start_pos: int, max_new_tok
     token_s: list[float] = []
     finish, last = "length", None
     while len(tokens) < max_new_tokens:
-        token = engine.broadcast_token(choose(logits) if engine.is_last else 0)  # .item() inside: the one host sync
+        token = engine.broadcast_token(_decide(engine, logits, choose, cancel))  # .item() inside: the one host sync
+        if token == CANCELLED:
+            finish = "cancelled"
+            break
         now = time.perf_counter()
         if last is not None:
             token_s.append(now - last)
@@ -72,6 +93,17 @@ def decode(engine: HostEngine, query_ids: list[int], start_pos: int, max_new_tok
         logits = engine.step_token(token, pos)
         pos += 1
     return Decoded(tokens, first_logits, query_s, token_s, finish)
+
+
+def _decide(engine: HostEngine, logits: torch.Tensor, choose: Callable[[torch.Tensor], int],
+            cancel: CancelFlag | None) -> int:
+    """The token this host offers to the broadcast: the last host's sample, or CANCELLED when the flag is set
+    (only the last host reads it, so every host learns the decision from the same broadcast); 0 elsewhere."""
+    if not engine.is_last:
+        return 0
+    if cancel is not None and cancel.is_set():
+        return CANCELLED
+    return choose(logits)
 
 
 def host_plan(engine: HostEngine, method: MethodConfig, prompt: Prompt) -> HostPlan:
@@ -116,7 +148,7 @@ class AskJob:
         return self.query_parts or [self.prompt.query_ids]
 
     def run(self, host, emit: Callable[[Event], None]) -> list[JobResult]:
-        return run_questions(host.engine, self, host.tokenizer, emit, host.faults)
+        return run_questions(host.engine, self, host.tokenizer, emit, host.faults, cancel=host.cancel)
 
 
 @dataclass
@@ -132,7 +164,7 @@ class JobResult:
     block_tokens: int
     anchor_tokens: int
     passing_tokens: int  # tokens this host received per layer (per KV head)
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # Decoded.finish_reason
     first_logits: torch.Tensor | None = None  # logits after the query phase (tests compare them)
     query_s: float = 0.0  # the query phase alone (part of decode_s)
     # --cite, rank 0: the answer's attention mass per context token [context_len] (runtime.attention_mass)
@@ -146,10 +178,12 @@ def run_job(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], 
 
 
 def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Event], None] | None = None,
-                  faults: Faults = NO_FAULTS, headroom: int = 0) -> list[JobResult]:
+                  faults: Faults = NO_FAULTS, headroom: int = 0, cancel: CancelFlag | None = None) -> list[JobResult]:
     """Prefill `job`'s context once, then answer each of its questions in turn on this host; one JobResult per
     question. `emit` receives progress and (on rank 0) streamed token events. `headroom`: extra cache room on the
-    last host for questions asked later over the same prefill (the server's document cache)."""
+    last host for questions asked later over the same prefill (the server's document cache). `cancel`: see
+    `decode` (a question after a cancelled one is cancelled at its first token: every host still returns one
+    result per question)."""
     emit = emit or (lambda event: None)
     prompt, method, rank = job.prompt, job.method, engine.rank
     ctx = prompt.context_ids
@@ -173,7 +207,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     results = []
     for i, query_ids in enumerate(queries):
         engine.rewind()  # no earlier question's or answer's KV reaches this one
-        answer = answer_question(engine, job, query_ids, job.index + i, tokenizer, emit, faults)
+        answer = answer_question(engine, job, query_ids, job.index + i, tokenizer, emit, faults, cancel)
         answer.prefill_s, answer.host_prefill_s = t1 - t0, host_prefill
         answer.block_tokens, answer.anchor_tokens = plan.block_len, plan.anchor_len
         answer.passing_tokens = call.passing_received
@@ -182,8 +216,10 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
 
 
 def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index: int, tokenizer,
-                    emit: Callable[[Event], None], faults: Faults = NO_FAULTS) -> JobResult:
-    """One question's query phase and decode over the prefilled cache (prefill fields left at 0)."""
+                    emit: Callable[[Event], None], faults: Faults = NO_FAULTS,
+                    cancel: CancelFlag | None = None) -> JobResult:
+    """One question's query phase and decode over the prefilled cache (prefill fields left at 0); `cancel`: see
+    `decode`."""
     rank = engine.rank
     if engine.mass is not None:
         engine.mass.reset()
@@ -205,7 +241,7 @@ def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index
 
     decoded = decode(engine, query_ids, len(job.prompt.context_ids), job.max_new_tokens,
                      lambda logits: sample_next(logits, job.temperature, job.top_p, generator),
-                     on_token, job.eos_ids, faults)
+                     on_token, job.eos_ids, faults, cancel)
     sync(engine.device)
     decode_s = time.perf_counter() - t1
     mass = engine.gather_mass()  # after the answer: one collective, outside decode_s

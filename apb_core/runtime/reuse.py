@@ -2,7 +2,10 @@
 prefill it anew with room kept for later questions, and park it when the cache keeps it.
 
 Reuse is exact only where the prefill does not read the question (`MethodConfig.reads_question` false: full,
-star, apb where auto-exact chose the exact layout). The launcher's cache (apb_core.serve.cache) decides
+star, apb where auto-exact chose the exact layout). Where it does (APB compressing: the anchor and the
+query-aware compression read the question), a request may opt in (`"apb": {"reuse": true}`) to be answered over
+the prefill kept for an earlier question: the same job, approximate (docs/quality.md, "Reusing an APB prefill",
+measures it). The launcher's cache (apb_core.serve.cache) decides
 everything, including that the parked KV has room for this question and answer; every host runs the same job
 and so parks, resumes and drops the same keys (HostEngine.park / resume / drop).
 """
@@ -35,7 +38,9 @@ class ServeJob:
     """`ask` (one question) as the cache plans it. `drop`: parked KV to free first (evictions). `reuse`: resume
     `key`'s parked KV and run only the query phase and decode over it, then park it back (also when the
     question is cancelled: the KV is whole). Else a prefill that keeps HEADROOM spare, parked under `key`
-    afterwards when `keep`. Returns [JobResult] like AskJob; `prefill_s == 0` on reuse."""
+    afterwards when `keep` (also when the decode is cancelled: the flag is read only after the prefill, which is
+    whole, so the launcher's cache records it either way). Returns [JobResult] like AskJob; `prefill_s == 0` on
+    reuse."""
 
     ask: AskJob
     key: str = ""
@@ -55,7 +60,8 @@ class ServeJob:
             return [self._resumed(host, emit)]
         if self.keep:
             engine.release()  # the kept KV gets buffers of its own size (the cache's byte count), not a leftover
-        results = run_questions(engine, job, host.tokenizer, emit, host.faults, headroom=HEADROOM)
+        results = run_questions(engine, job, host.tokenizer, emit, host.faults, headroom=HEADROOM,
+                                cancel=host.cancel)
         if self.keep:
             engine.park(self.key)
         return results
@@ -67,7 +73,8 @@ class ServeJob:
             engine.rewind()  # the document-only state: no earlier question or answer is seen
             if job.cite:
                 engine.collect_mass(cite_layers(engine.layers))
-            result = answer_question(engine, job, job.queries[0], job.index, host.tokenizer, emit, host.faults)
+            result = answer_question(engine, job, job.queries[0], job.index, host.tokenizer, emit, host.faults,
+                                     host.cancel)
             result.block_tokens = engine.context_len
         finally:
             engine.park(self.key)

@@ -3,7 +3,7 @@
 Errors are OpenAI-style objects ({"error": {"message", "type", "param", "code"}}): bad JSON or fields and bad
 input (a prompt over the window, ...) 400, a wrong or missing bearer token 401, a full queue or a failed worker
 503 (the workers restart behind it). A streamed request waits for its first token before it answers 200, so
-those errors keep their status; a client that disconnects cancels its generation.
+those errors keep their status; a client that disconnects cancels its generation (on every host: ServeEngine).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def create_app(engine: ServeEngine, api_key: str | None = None) -> FastAPI:
             settings = dataclasses.replace(settings, temperature=0.0)
         ticket = Ticket(asyncio.get_running_loop())
         try:
-            engine.submit(ticket, settings, document, question, use_cache=opts.cache if opts else True)
+            engine.submit(ticket, settings, document, question, use_cache=opts.cache if opts else True,
+                          reuse=bool(opts and opts.reuse))
         except Busy as exc:
             raise api_error(exc) from None
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -137,7 +138,7 @@ async def _next(ticket: Ticket, request: Request) -> tuple:
             return await asyncio.wait_for(ticket.items.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                ticket.cancelled.set()
+                ticket.cancel()
                 raise Cancelled() from None
 
 
@@ -146,9 +147,13 @@ def _finish(reason: str) -> str:
 
 
 def _extension(done: ServeResult) -> dict:
-    """The response's `apb` object: cache_hit, result (the --json fields of `apb ask`) and, when the request
-    asked for them, citations (as `apb ask --cite --json` prints them)."""
-    extension = {"cache_hit": done.cache_hit, "result": dataclasses.asdict(done.result)}
+    """The response's `apb` object: cache_hit, reused_prefill (true: answered over a kept APB prefill made for
+    another question, `prefill_question`, which a new prefill would not give), result (the --json fields of
+    `apb ask`) and, when the request asked for them, citations (as `apb ask --cite --json` prints them)."""
+    extension = {"cache_hit": done.cache_hit, "reused_prefill": done.reused_for is not None,
+                 "result": dataclasses.asdict(done.result)}
+    if done.reused_for is not None:
+        extension["prefill_question"] = done.reused_for
     if done.result.citations is not None:
         extension["citations"] = [c.as_json() for c in done.result.citations]
     return extension
@@ -196,4 +201,4 @@ async def _sse(first: tuple, ticket: Ticket, completion_id: str, model: str):
             item = await ticket.items.get()
         yield "data: [DONE]\n\n"
     finally:  # the client went away (starlette cancels this generator) or the stream ended
-        ticket.cancelled.set()
+        ticket.cancel()

@@ -1,10 +1,13 @@
 """The document cache: which documents' distributed KV the hosts keep, least recently used first out.
 
 A question about a kept document costs only its query phase and decode, where the layout is exact (the prefill
-does not read the question). The key is the hash of the tokenized context (chat template, system prompt and
-document) plus the layout. Every kept document's KV is parked on the hosts under its key
-(HostEngine.park); `limit_bytes` bounds their sum over all hosts: a new document evicts the least recently
-used ones until it fits, and one larger than the limit is not kept (nothing is evicted for it).
+does not read the question). Where it reads the question (APB compressing), a document is kept and served only
+for requests that opt in to reuse (`"apb": {"reuse": true}`): the kept prefill was made for the question of the
+request that ran it (`Entry.question`), and a hit answers another question over it (`CachePlan.made_for`).
+The key is the hash of the tokenized context (chat template, system prompt and document) plus the layout.
+Every kept document's KV is parked on the hosts under its key (HostEngine.park); `limit_bytes` bounds their
+sum over all hosts: a new document evicts the least recently used ones until it fits, and one larger than the
+limit is not kept (nothing is evicted for it).
 
 This object alone decides: each job carries its plan (resume this key, park under it, drop those), so the
 launcher and the workers never disagree; a worker restart loses every parked KV, and `forget` says so here.
@@ -37,22 +40,26 @@ def kv_bytes(dims: ModelDims, tokens: int, itemsize: int) -> int:
 @dataclass
 class Entry:
     """A kept document: its KV's bytes over all hosts, and the query + answer tokens the last host has room
-    for past the document (a question needing more is prefilled again)."""
+    for past the document (a question needing more is prefilled again). `question`: the question its prefill
+    read (None where the layout reads none)."""
 
     nbytes: int
     room: int
+    question: str | None = None
 
 
 @dataclass
 class CachePlan:
     """What one request does with the cache: `hit`: resume `key`'s parked KV (query phase and decode only);
-    `keep`: park the new prefill's KV under `key` (an `entry`); `drop`: parked KV to free first (evicted)."""
+    `keep`: park the new prefill's KV under `key` (an `entry`); `drop`: parked KV to free first (evicted).
+    `made_for`: on a hit, the question the kept prefill read (Entry.question)."""
 
     key: str
     hit: bool = False
     keep: bool = False
     drop: tuple[str, ...] = ()
     entry: Entry | None = None
+    made_for: str | None = None
 
 
 @dataclass
@@ -75,7 +82,7 @@ class DocumentCache:
         old = self.entries.get(key)
         if old is not None and entry is not None and old.room >= need:
             self.entries.move_to_end(key)
-            return CachePlan(key, hit=True)
+            return CachePlan(key, hit=True, made_for=old.question)
         drop = [key] if old is not None and entry is not None else []
         if entry is None or entry.nbytes > self.limit_bytes:
             return self._evict(CachePlan(key, drop=tuple(drop)))
@@ -95,6 +102,14 @@ class DocumentCache:
             self.hits += 1
             return
         self.misses += 1
+        if plan.keep and plan.entry is not None:
+            self.entries[plan.key] = plan.entry
+
+    def cancelled(self, plan: CachePlan) -> None:
+        """The job of `plan` was cancelled in its decode: counted neither as a hit nor as a miss, but the hosts
+        parked the document's KV all the same (a hit parks it back; a kept prefill had finished: the cancel flag
+        is read only after it), so a kept document is recorded, as the hosts hold it. (A prefill cancelled in
+        this process raises before anything is parked, and never reaches here: nothing is recorded.)"""
         if plan.keep and plan.entry is not None:
             self.entries[plan.key] = plan.entry
 

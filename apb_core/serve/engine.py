@@ -1,9 +1,12 @@
 """The server's side of the workers: one Session, driven by one thread, one request at a time.
 
 Requests wait in a bounded queue (`Busy` when full). Streamed tokens and the final result reach the request's
-`Ticket` on the event loop. A request whose client went away is cancelled at its next prefill layer or token
-when the host runs in this process (one host); over worker processes its generation finishes unread. A
-WorkerError fails that request (503) and restarts the workers before the next one.
+`Ticket` on the event loop. A request whose client went away is cancelled: its ticket sets the runner's cancel
+flag (a multiprocessing.Event every worker holds; cleared before each job), and the last host, which samples
+and broadcasts every token, broadcasts "cancelled" instead at its next token, so every host stops at the same
+step (runtime.generate.decode). A prefill is not interrupted over worker processes (seconds at most: the flag
+is read at the first token after it); a host in this process (one host) also stops at its next prefill layer.
+A WorkerError fails that request (503) and restarts the workers before the next one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from apb_core.algorithm.methods import MethodConfig, resolve_method
 from apb_core.api import AskRequest, AskResult, Event
@@ -47,6 +51,28 @@ class Ticket:
     loop: asyncio.AbstractEventLoop
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    flag: Any = None  # the runner's cancel flag while this ticket's job runs (arm .. disarm), else None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel(self) -> None:
+        """The client went away (or the server stops): mark the ticket, and end its job on the hosts if it runs.
+        Under the lock, so that a cancel racing the job's start is seen (arm) and one arriving after its end
+        cannot set the flag of the next job (disarm)."""
+        with self.lock:
+            self.cancelled.set()
+            if self.flag is not None:
+                self.flag.set()
+
+    def arm(self, flag: Any) -> bool:
+        """The job starts with the runner's (cleared) cancel flag; False when the client left already."""
+        with self.lock:
+            self.flag = flag
+            return not self.cancelled.is_set()
+
+    def disarm(self) -> None:
+        """The job ended: later cancels touch the ticket only."""
+        with self.lock:
+            self.flag = None
 
     def put(self, item: tuple) -> None:
         try:
@@ -57,8 +83,12 @@ class Ticket:
 
 @dataclass
 class ServeResult:
+    """One answer; `reused_for`: the question of the kept APB prefill it was answered over, when that was not
+    this question (`"apb": {"reuse": true}`: not the answer a new prefill gives)."""
+
     result: AskResult
     cache_hit: bool
+    reused_for: str | None = None
 
 
 class ServeEngine:
@@ -92,13 +122,14 @@ class ServeEngine:
         session.__enter__()
         self.session, self.state, self.name = session, "ready", session.source.name
 
-    def submit(self, ticket: Ticket, settings: AskRequest, document: str, question: str, use_cache: bool) -> None:
-        """Queue one question; Busy when `max_queue` requests wait already."""
+    def submit(self, ticket: Ticket, settings: AskRequest, document: str, question: str, use_cache: bool,
+               reuse: bool = False) -> None:
+        """Queue one question; Busy when `max_queue` requests wait already. `reuse`: see `_plan`."""
         with self.lock:
             if self.pending >= self.max_queue:
                 raise Busy(f"the server is busy: {self.pending} requests are waiting (--max-queue)")
             self.pending += 1
-        self.jobs.put((ticket, settings, document, question, use_cache))
+        self.jobs.put((ticket, settings, document, question, use_cache, reuse))
 
     def stop_accepting(self) -> None:
         """The server got SIGTERM or Ctrl-C: what waits gets 503 and what runs ends now, so that in-flight
@@ -106,7 +137,7 @@ class ServeEngine:
         processes: ended, and not restarted)."""
         self.state = "stopping"
         if self.current is not None:
-            self.current.cancelled.set()
+            self.current.cancel()
         runner = self.session.runner if self.session is not None else None
         for p in getattr(runner, "procs", []):
             if p.exitcode is None:
@@ -119,7 +150,7 @@ class ServeEngine:
         """Cancel what runs, stop the thread and end the workers."""
         self.state = "stopped"
         if self.current is not None:
-            self.current.cancelled.set()
+            self.current.cancel()
         self.jobs.put(None)
         if self.thread is not None:
             self.thread.join(timeout=wait_s)
@@ -133,8 +164,8 @@ class ServeEngine:
         ticket = self.current
         if ticket is None:
             return
-        if ticket.cancelled.is_set() and isinstance(self.session.runner, InlineHost):
-            raise Cancelled()  # in this process: unwinds the prefill or decode (collectives are not involved)
+        if ticket.cancelled.is_set() and event.phase == "prefill" and isinstance(self.session.runner, InlineHost):
+            raise Cancelled()  # in this process: unwinds the prefill (no collectives); a decode ends by the flag
         if event.kind == "token" and event.text:
             ticket.put(("token", event.text))
 
@@ -143,7 +174,7 @@ class ServeEngine:
             item = self.jobs.get()
             if item is None:
                 return
-            ticket, settings, document, question, use_cache = item
+            ticket, settings, document, question, use_cache, reuse = item
             with self.lock:
                 self.pending -= 1
             if self.state in ("stopping", "stopped"):
@@ -160,7 +191,8 @@ class ServeEngine:
                     continue
             self.current = ticket
             try:
-                ticket.put(("done", self._answer(settings, document, question, use_cache)))
+                self._arm(ticket)
+                ticket.put(("done", self._answer(settings, document, question, use_cache, reuse)))
             except (WorkerError, Cancelled) as exc:
                 if self.state in ("stopping", "stopped"):
                     ticket.put(("error", Stopping("the server is stopping")))
@@ -172,12 +204,21 @@ class ServeEngine:
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to its request
                 ticket.put(("error", exc))
             finally:
+                ticket.disarm()
                 self.current = None
             if self.state == "restarting":
                 try:
                     self._restart()
                 except BaseException:  # noqa: BLE001 - retried before the next request
                     self.state = "failed"
+
+    def _arm(self, ticket: Ticket) -> None:
+        """Before the ticket's job: clear the runner's cancel flag (an earlier ticket's cancel may have set it as
+        its job ended) and hand it to the ticket; Cancelled when the client left already."""
+        flag = self.session.runner.cancel
+        flag.clear()
+        if not ticket.arm(flag):
+            raise Cancelled()
 
     def _restart(self) -> None:
         """End the old workers and start new ones (the document cache is gone with them)."""
@@ -192,9 +233,11 @@ class ServeEngine:
                 pass
         self._load()
 
-    def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool) -> ServeResult:
+    def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool,
+                reuse: bool = False) -> ServeResult:
         """Tokenize, pick the layout, run the question over a kept document's KV or a new prefill; the cache
-        keeps this document when its layout does not read the question and its KV fits the limit."""
+        keeps this document when its layout does not read the question (or the request opts in to reuse) and
+        its KV fits the limit."""
         s = self.session
         t0 = time.perf_counter()
         if not question.strip():
@@ -205,30 +248,38 @@ class ServeEngine:
                                 req.compressor, req.question_in_anchor, req.seed, s.dims, req.auto_exact,
                                 req.layout, device=self.base.device)
         tokenize_s = time.perf_counter() - t0
-        plan = self._plan(prompt, method, req.max_new_tokens, use_cache)
+        plan = self._plan(prompt, method, req.max_new_tokens, use_cache, reuse, question)
         job = ServeJob(AskJob(prompt, method, req.max_new_tokens, req.temperature, req.top_p, req.seed,
                               list(req.stop), s.eos, cite=req.cite), plan.key, plan.hit, plan.keep, plan.drop)
         per_host = s.runner.run(job)
-        self.cache.done(plan)  # not reached when cancelled: neither a hit nor a miss
         lead = per_host[0][0]
+        if lead.finish_reason == "cancelled":  # every host stopped at the same token (runtime.generate.decode)
+            self.cache.cancelled(plan)
+            raise Cancelled()
+        self.cache.done(plan)
         timings = {"convert_s": 0.0, "load_s": 0.0, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
                    "query_s": lead.query_s, "decode_s": lead.decode_s,
                    "total_s": time.perf_counter() - t0}
         result = s._result(req, question, prompt, method, timings, [h[0] for h in per_host], False, document)
         s.prefills += 0 if plan.hit else 1
-        return ServeResult(result, plan.hit)
+        reused_for = plan.made_for if plan.hit and plan.made_for not in (None, question) else None
+        return ServeResult(result, plan.hit, reused_for)
 
-    def _plan(self, prompt: Prompt, method: MethodConfig, max_new_tokens: int, use_cache: bool) -> CachePlan:
-        """The cache's plan for this prompt: keepable when the layout does not read the question (its KV
-        then serves any question) and the request allows the cache; its cost is the KV of the document plus
-        the last host's room (room_tokens), in the workers' dtype."""
+    def _plan(self, prompt: Prompt, method: MethodConfig, max_new_tokens: int, use_cache: bool,
+              reuse: bool = False, question: str = "") -> CachePlan:
+        """The cache's plan for this prompt: keepable when the request allows the cache and the layout does
+        not read the question (its KV then serves any question exactly) or the request opts in to `reuse`
+        (APB compressing: the KV, kept with the `question` it read, serves later reuse requests, approximately;
+        requests without reuse neither use nor replace it); its cost is the KV of the document plus the last
+        host's room (room_tokens), in the workers' dtype."""
         s = self.session
         key = cache_key(prompt.context_ids, method, s.hosts)
         query_len = len(prompt.query_ids)
         entry = None
-        if use_cache and not method.reads_question:
+        if use_cache and (reuse or not method.reads_question):
             room = room_tokens(query_len, max_new_tokens)
-            entry = Entry(kv_bytes(s.dims, prompt.context_len + room, self._itemsize()), room)
+            entry = Entry(kv_bytes(s.dims, prompt.context_len + room, self._itemsize()), room,
+                          question if method.reads_question else None)
         return self.cache.plan(key, needed_tokens(query_len, max_new_tokens), entry)
 
     def _itemsize(self) -> int:

@@ -36,6 +36,10 @@ class ApbOptions(BaseModel):
     truncate: Literal["none", "middle", "end"] | None = None
     system: str | None = None  # the chat template's system prompt (system messages are document text)
     cache: bool = True  # false: do not use the document cache for this request
+    # true: where the layout reads the question (APB compressing), answer over a kept prefill made for an earlier
+    # question about the document (no prefill; not the answer a new prefill gives: docs/quality.md measures it),
+    # and keep this request's own prefill for later ones
+    reuse: bool = False
     cite: bool = False  # true: the passages the answer attended to most (`apb ask --cite`), in the response
     paged: bool = False  # the document is a PDF's text (`--- page N ---` lines): citations name pages
 
