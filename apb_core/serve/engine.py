@@ -52,7 +52,8 @@ class Ticket:
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     flag: Any = None  # the runner's cancel flag while this ticket's job runs (arm .. disarm), else None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # reentrant: SIGTERM's handler (stop_accepting) may cancel on the event loop's thread while it holds the lock
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def cancel(self) -> None:
         """The client went away (or the server stops): mark the ticket, and end its job on the hosts if it runs.
