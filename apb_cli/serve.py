@@ -32,6 +32,11 @@ def serve(
         typer.Option("--hosts", help="Workers. Default: visible GPUs on cuda; on CPU 2, or 1 below 4 cores.",
                      show_default=False),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Worker processes (dividing --hosts); fewer than hosts: the hosts of a worker "
+                     "share its model and take turns (same answers). Default: one per host.", show_default=False),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto: cuda if any).")] = "auto",
     method: Annotated[str, typer.Option("--method", help="apb|star|full (a request's apb.method overrides).")] = "apb",
     cache_gib: Annotated[
@@ -43,18 +48,19 @@ def serve(
     ] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait; more get 503.")] = 16,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads per worker. Default: cores / hosts.")
+        int | None, typer.Option("--threads", help="CPU threads per worker. Default: cores / workers.")
     ] = None,
 ) -> None:
     """Serve POST /v1/chat/completions, GET /v1/models and GET /health with the model loaded once."""
     code = handler.run_command(lambda: run_serve(host, port, model, hosts, device, method, cache_gib, api_key,
-                                                 max_queue, threads))
+                                                 max_queue, threads, workers))
     if code:
         raise typer.Exit(code)
 
 
 def run_serve(host: str, port: int, model: str | None, hosts: int | None, device: str, method: str,
-              cache_gib: float, api_key: str | None, max_queue: int, threads: int | None) -> int:
+              cache_gib: float, api_key: str | None, max_queue: int, threads: int | None,
+              workers: int | None = None) -> int:
     check_choice("--device", device, DEVICES)
     check_choice("--method", method, ("apb", "star", "full"))
     check_at_least("--hosts", hosts, 1)
@@ -66,7 +72,7 @@ def run_serve(host: str, port: int, model: str | None, hosts: int | None, device
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty")
     _check_port(host, port)
-    placed = resolve_device_hosts(device, hosts, cuda_count)
+    placed = resolve_device_hosts(device, hosts, cuda_count, workers)
     device, hosts = placed.device, placed.hosts
     for note in placed.notes:
         print(f"apb: note: {note}", file=sys.stderr, flush=True)

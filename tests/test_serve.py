@@ -226,6 +226,20 @@ def test_disconnect_cancels_the_generation_on_the_workers(two_hosts):
                 cache["entries"] - before["entries"]) == (cancelled + 1, 0, 1)
 
 
+def test_hosts_sharing_one_worker_answer_as_two_workers(two_hosts):
+    """`apb serve --hosts 2 --workers 1`: both hosts in one worker process, taking turns; the same answer as the
+    two-process server, and the placement in /health's terms (ready, no restarts)."""
+    _, client = two_hosts
+    body = _chat("What is the first number of the list?", document=NUMBERS, max_tokens=8)
+    want = client.post("/v1/chat/completions", json=body)
+    with _running_server("--workers", "1", hosts=2) as (proc, shared):
+        got = shared.post("/v1/chat/completions", json=body)
+        assert shared.get("/health").json()["status"] == "ready"
+        assert len(_children(proc.pid)) >= 1
+    assert got.status_code == want.status_code == 200, got.text
+    assert got.json()["choices"][0]["message"]["content"] == want.json()["choices"][0]["message"]["content"]
+
+
 def test_reuse_answers_over_the_prefill_of_an_earlier_question(two_hosts):
     """APB compressing over two hosts (anchor and passing given: no auto-exact). With "reuse" a second question
     is answered over the prefill kept for the first (a hit without a prefill; `reused_prefill` and
