@@ -44,7 +44,8 @@ class Session:
         self.hosts = env.torchrun.world_size if env.torchrun else request.hosts
         if self.hosts < 1:
             raise InputError(f"--hosts must be at least 1 (got {self.hosts})")
-        self.workers = min(request.workers or self.hosts, self.hosts)  # worker processes (apb_core.dist.launcher)
+        # worker processes (apb_core.dist.launcher); under torchrun every rank is one
+        self.workers = self.hosts if env.torchrun else min(request.workers or self.hosts, self.hosts)
         self.source = models.resolve_model(request.model, allow_pickle=request.allow_pickle)
         # a GGUF's first run converts it (~20 s), timed apart from tokenizing and announced as its own phase
         self.convert_s = models.prepare(self.source, lambda text: self.emit(Event("phase", phase="convert", text=text)))
