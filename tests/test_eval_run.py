@@ -27,15 +27,16 @@ ROW_KEYS = {
     "task", "index", "seed", "length", "sample_tokens", "prompt_tokens", "depth", "method", "hosts",
     "reused_from_hosts", "anchor_len", "passing_len", "auto_exact", "ablation", "digest", "metric", "expected",
     "answer_prefix", "answer", "score", "correct", "generated_tokens", "timings", "model", "device",
-    "compressor", "question_in_anchor", "haystack",
+    "compressor", "question_in_anchor", "haystack", "workers",
 }
 
 
 def test_tiny_real_run_writes_rows_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
     # auto-exact off: at 1K tokens apb would run the exact layout; the compressed path is the one to keep alive
+    # the two hosts share one worker process (--workers 1): the path of the GPU tables at H = 4 and 8
     config = EvalConfig(tasks=["niah_single_1", "passkey"], lengths=[1024], samples=2, methods=["full", "apb"],
-                        hosts=[2], max_new_tokens=8, ablation={"auto_exact": False})
+                        hosts=[2], max_new_tokens=8, ablation={"auto_exact": False}, workers=[1])
     summary = run_eval(config, out_path=out)
 
     rows = read_rows(out)
@@ -44,7 +45,7 @@ def test_tiny_real_run_writes_rows_and_summary(tmp_path: Path) -> None:
         assert set(row) == ROW_KEYS
         assert re.fullmatch(r"[0-9a-f]{16}", row["digest"])
         assert 0.0 <= row["score"] <= 1.0 and row["correct"] == (row["score"] == 1.0)
-        assert row["length"] == 1024 and row["sample_tokens"] <= 1024 and row["hosts"] == 2
+        assert row["length"] == 1024 and row["sample_tokens"] <= 1024 and row["hosts"] == 2 and row["workers"] == 1
         assert row["reused_from_hosts"] is None and row["generated_tokens"] <= 8
         assert row["answer_prefix"] and not row["answer"].startswith(row["answer_prefix"])  # continuation only
         assert {"prefill_s", "decode_s", "total_s"} <= set(row["timings"])

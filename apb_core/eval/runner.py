@@ -184,6 +184,7 @@ def _row(sample: Sample, result: AskResult, method: str, hosts: int, points: flo
         "depth": sample.depth,
         "method": method,
         "hosts": hosts,
+        "workers": result.workers,  # processes that ran the hosts (fewer: in-process hosts, the same math)
         "reused_from_hosts": reused_from,
         "anchor_len": result.anchor_len,
         "passing_len": result.passing_len,
