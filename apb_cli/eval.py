@@ -156,7 +156,9 @@ def run_eval_command(opts: EvalOptions) -> int:
         console.print(f"[dim]note: {note}[/]")
     console.print(f"[dim]{summary.rows} rows in {opts.out}; {summary.wall_s:.0f} s[/]")
     if opts.json_output:
-        sys.stdout.write(json.dumps(summary.to_dict() | {"out": opts.out}, allow_nan=False) + "\n")
+        payload = summary.to_dict()
+        payload["notes"] = [*opts.notes, *payload["notes"]]  # the choices apb made on its own (placement) first
+        sys.stdout.write(json.dumps(payload | {"out": opts.out}, allow_nan=False) + "\n")
         sys.stdout.flush()
     return 0
 

@@ -54,22 +54,27 @@ def _running_server(*args: str, hosts: int = 1):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_S
-        while True:
-            assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.5)
+        _wait_ready(proc, url)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as client:
             yield proc, client
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str) -> None:
+    """Until the server's /health says 200 (it must not exit meanwhile, nor take longer than START_S)."""
+    deadline = time.monotonic() + START_S
+    while True:
+        assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in time"
+        time.sleep(0.5)
 
 
 def _need_embedded_model() -> None:
@@ -418,27 +423,15 @@ def test_killed_worker_is_503_then_the_server_recovers():
     body = {"messages": [{"role": "system", "content": "The north archive's passcode is 7481."},
                          {"role": "user", "content": "What is the north archive's passcode?"}], "max_tokens": 4}
 
-    def wait_ready() -> None:
-        deadline = time.monotonic() + START_S
-        while True:
-            assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.5)
-
     try:
-        wait_ready()
+        _wait_ready(proc, url)
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         failed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
         assert failed.status_code == 503, failed.text
         assert failed.json()["error"]["code"] == "worker_failed" and "worker" in failed.json()["error"]["message"]
-        wait_ready()
+        _wait_ready(proc, url)
         assert httpx.get(f"{url}/health").json()["restarts"] == 1
         answered = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
         assert answered.status_code == 200, answered.text

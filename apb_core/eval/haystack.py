@@ -114,25 +114,25 @@ def noise_haystack() -> Haystack:
     return Haystack(unit=lambda j: sentences[j % len(sentences)] + " ", can_insert=lambda j: True)
 
 
-def essay_haystack(rng: random.Random) -> Haystack:
-    """The essay corpus, cycled, starting at a paragraph picked by `rng`; needles go between sentences."""
-    words, sentence_start, paragraph_start = essay_units()
-    starts = [i for i, is_start in enumerate(paragraph_start) if is_start]
-    offset = rng.choice(starts)
+def _cycled(units: tuple[list[str], list[bool], list[bool]], rng: random.Random) -> Haystack:
+    """A corpus's words from a paragraph picked by `rng`, wrapping to the start after the end; needles go
+    between sentences. units: (words, sentence starts, paragraph starts)."""
+    words, sentence_start, paragraph_start = units
+    offset = rng.choice([i for i, is_start in enumerate(paragraph_start) if is_start])
     size = len(words)
     return Haystack(unit=lambda j: words[(offset + j) % size],
                     can_insert=lambda j: sentence_start[(offset + j) % size])
+
+
+def essay_haystack(rng: random.Random) -> Haystack:
+    """The essay corpus, cycled, starting at a paragraph picked by `rng`; needles go between sentences."""
+    return _cycled(essay_units(), rng)
 
 
 def prose_haystack(rng: random.Random) -> Haystack:
     """The real prose from a paragraph picked by `rng`, wrapping to the start after the end (so nothing repeats
     before the haystack is longer than the corpus); needles go between sentences."""
-    words, sentence_start, paragraph_start = prose_units()
-    starts = [i for i, is_start in enumerate(paragraph_start) if is_start]
-    offset = rng.choice(starts)
-    size = len(words)
-    return Haystack(unit=lambda j: words[(offset + j) % size],
-                    can_insert=lambda j: sentence_start[(offset + j) % size])
+    return _cycled(prose_units(), rng)
 
 
 _PROSE_TOKENS: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, corpus tokens): one count per run

@@ -235,9 +235,12 @@ class HostEngine:
 
     def step(self, ids: list[int], start_pos: int) -> torch.Tensor:
         """Query phase / decode: run `ids` at positions start_pos.. on every host; returns last-token logits [V]."""
-        t = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(start_pos, start_pos + len(ids), device=self.device).unsqueeze(0)
-        logits = self._lead(lambda: self.forward_logits(t, pos, self.decode_call()))
+        def forward() -> torch.Tensor:  # once per process (`_lead`): the input tensors only where it runs
+            t = torch.tensor([ids], dtype=torch.long, device=self.device)
+            pos = torch.arange(start_pos, start_pos + len(ids), device=self.device).unsqueeze(0)
+            return self.forward_logits(t, pos, self.decode_call())
+
+        logits = self._lead(forward)
         if self.is_last:
             self.cache.length += len(ids)
         return logits
