@@ -4,10 +4,16 @@ Rows of apb with an ablation get the ablation in their method name (e.g. `apb[au
 with and without an ablation can be merged and compared with the same `full` rows:
 
     python scripts/eval_tables.py /tmp/evalruns/a4k.jsonl /tmp/evalruns/c4k.jsonl
+
+Rows of the same answer (length, task, seed, sample, method, hosts) read more than once, e.g. a task rerun after a
+device call's time limit cut it (scripts/gpu_eval_jobs.py), count once: the last one read wins. `--min-full 20`
+keeps the tasks where full scored above 20 at that length (the quality issue's rule) and `--merged FILE` writes
+the rows that were counted.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -25,6 +31,12 @@ def _label(row: dict) -> str:
     return "apb[" + ",".join(f"{k}={v}" for k, v in sorted(ablation.items())) + "]"
 
 
+def _correct(rows: list[dict], cell) -> int:
+    """Correct answers of a cell that recorded cite_hit (the denominator of its cite_hit)."""
+    return sum(1 for r in rows if (r["length"], r["task"], r["method"], r["hosts"]) ==
+               (cell.length, cell.task, cell.method, cell.hosts) and r["correct"] and r.get("cite_hit") is not None)
+
+
 def _fmt(cell, method: str, bold: bool = False) -> str:
     """accuracy, with the gap to full for other methods; '-' where the cell did not run."""
     if cell is None:
@@ -35,8 +47,49 @@ def _fmt(cell, method: str, bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
-def main(paths: list[str]) -> None:
-    rows = [dict(row, method=_label(row)) for path in paths for row in read_rows(path)]
+def _answer_key(row: dict) -> tuple:
+    return (row["length"], row["task"], row.get("seed"), row["index"], row.get("question"), _label(row),
+            row["hosts"])
+
+
+def _ci(cell, field: str) -> str:
+    ci = getattr(cell, field, None) if cell is not None else None
+    return "" if ci is None else f"{ci[0]:+.1f}..{ci[1]:+.1f}"
+
+
+def main(argv: list[str]) -> None:
+    min_full, merged, paths = None, None, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--min-full":
+            min_full = float(next(args))
+        elif arg == "--merged":
+            merged = next(args)
+        else:
+            paths.append(arg)
+    unique = {_answer_key(row): row for path in paths for row in read_rows(path)}
+    raw = list(unique.values())
+    # full is exact at any number of hosts (the eval reuses one full answer for every H): give each other H its copy
+    hosts_of = defaultdict(set)
+    for r in raw:
+        hosts_of[r["length"]].add(r["hosts"])
+    have = {_answer_key(r) for r in raw}
+    for r in [r for r in raw if r["method"] == "full"]:
+        for h in sorted(hosts_of[r["length"]]):
+            copy = dict(r, hosts=h, reused_from_hosts=r.get("reused_from_hosts") or r["hosts"])
+            if _answer_key(copy) not in have:
+                have.add(_answer_key(copy))
+                raw.append(copy)
+    if min_full is not None:
+        full_cells, _ = summarise([r for r in raw if r["method"] == "full"])
+        keep = {(c.length, c.task) for c in full_cells if c.accuracy > min_full}
+        dropped = sorted({(r["length"], r["task"]) for r in raw} - keep)
+        if dropped:
+            print("tasks left out (full at or below " + f"{min_full:g}): " + ", ".join(f"{t}@{n}" for n, t in dropped))
+        raw = [r for r in raw if (r["length"], r["task"]) in keep]
+    if merged is not None:
+        Path(merged).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
+    rows = [dict(row, method=_label(row)) for row in raw]
     cells, averages = summarise(rows)
     columns = sorted({(c.method, c.hosts) for c in cells}, key=lambda mh: (mh[0] != "full", mh[1], mh[0]))
     columns = [mh for mh in columns if mh[0] != "full" or mh[1] == min(h for m, h in columns if m == "full")]
@@ -55,6 +108,19 @@ def main(paths: list[str]) -> None:
         avg_txt = [_fmt(avg.get((m, h)), m, bold=True) for m, h in columns]
         total = sum(c.samples for c in averages if c.length == length and (c.method, c.hosts) == columns[0])
         print(f"| **average** | {total} | " + " | ".join(avg_txt) + " |")
+        print("| Δ 95% CI | | " + " | ".join(_ci(avg.get(mh), "delta_ci") for mh in columns) + " |")
+        print("| target ≥ −1 | | " + " | ".join((avg[mh].target or "") if mh in avg else "" for mh in columns) + " |")
+        print("| answers | | " + " | ".join(str(avg[mh].samples) if mh in avg else "" for mh in columns) + " |")
+        hits = {mh: [c for c in cells if c.length == length and (c.method, c.hosts) == mh and c.cite_hit is not None]
+                for mh in columns}
+        if any(hits.values()):
+            def _hit(group) -> str:
+                if not group:
+                    return ""
+                n = sum(round(c.cite_hit / 100 * _correct(rows, c)) for c in group)
+                d = sum(_correct(rows, c) for c in group)
+                return f"{100 * n / d:.1f} ({n}/{d})" if d else ""
+            print("| cite_hit (correct needle answers) | | " + " | ".join(_hit(hits[mh]) for mh in columns) + " |")
         prefill: dict[tuple[str, int], list[float]] = defaultdict(list)
         for row in rows:
             if row["length"] == length and row.get("reused_from_hosts") is None:

@@ -8,6 +8,11 @@
 #   scripts/gpu_quality.sh prepare            chunk 8, join, check sha256, install gguf, convert once, one answer
 #   scripts/gpu_quality.sh eval LEN SAMPLES   full on every task (3 samples) picks the tasks where full > 20,
 #                                             then full, star and apb at H = 2, 4, 8 on those, SAMPLES each
+#   scripts/gpu_quality.sh measure            (after prepare, GPU otherwise idle) serve's time to first token for
+#                                             a cached document (scripts/gpu_serve_ttft.py; fastapi/uvicorn wheels
+#                                             in .gpu/serve) and bench's --cite decode cost, one pair
+#   scripts/gpu_quality.sh jobs               every (length, method, H) cell side by side, resumable
+#                                             (scripts/gpu_eval_jobs.py; rows kept in /tmp/keep/rows)
 # Logs, JSON and JSONL rows go to $OUT.
 set -u
 KEEP=/tmp/keep
@@ -30,6 +35,9 @@ prepare)
     cat "$KEEP"/chunk_? > "$MODEL" && rm -f "$KEEP"/chunk_?
     echo "$SHA  $MODEL" | sha256sum -c - || exit 1
     $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/wheels/*.whl 2>&1 | tail -n 2
+    if [ -d .gpu/serve ]; then
+        $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/serve/*.whl 2>&1 | tail -n 2
+    fi
     t0=$(date +%s)
     $PY -c "from apb_core import models; models.prepare(models.resolve_model('$MODEL'), print)"
     echo "convert took $(( $(date +%s) - t0 )) s"
@@ -62,7 +70,27 @@ EOF
     echo "eval exit $? after $(( $(date +%s) - t0 )) s"
     grep -v "^\[" "$OUT/eval_$LEN.log" | tail -n 30
     ;;
+measure)
+    timeout 200 $PY scripts/gpu_serve_ttft.py --model "$MODEL" --device cuda --hosts 2 --workers 1 --hits 5 \
+        --long-tokens 16384 --out "$OUT/serve_ttft.json" > "$OUT/serve_ttft.log" 2>&1
+    echo "serve ttft exit $?"; cat "$OUT/serve_ttft.log"
+    for cite in "" --cite; do
+        timeout 150 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 32k --hosts 2 --workers 1 \
+            --methods single,apb --repeat 1 --decode-tokens 128 --breakdown none --json $cite \
+            > "$OUT/bench_cite${cite}.json" 2> "$OUT/bench_cite${cite}.log"
+        echo "bench ${cite:-plain} exit $?"; tail -n 6 "$OUT/bench_cite${cite}.log"
+    done
+    ;;
+jobs)
+    END=${END:-$(( $(date +%s) + 580 ))}
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 20 >> "$OUT/gpu_util.csv" 2>&1 &
+    SMI=$!
+    $PY scripts/gpu_eval_jobs.py --rows "$KEEP/rows" --model "$MODEL" --deadline "$END" --out "$OUT" \
+        --parallel "${PARALLEL:-14}" ${ONLY:+--only "$ONLY"}
+    kill $SMI; tail -n 40 "$OUT/gpu_util.csv"
+    ;;
 *)
-    echo "usage: $0 stash K | prepare | eval LEN SAMPLES" >&2; exit 2
+    echo "usage: $0 stash K | prepare | measure | eval LEN SAMPLES | jobs" >&2; exit 2
     ;;
 esac
