@@ -177,6 +177,9 @@ def results_table(rows: list[dict[str, Any]], device: str = "cuda", one_device: 
     for name in ("len", "method", hosts, "prefill s", "tok/s", "vs single", f"eff {unit}", f"exec {unit}/{per}",
                  f"busiest {unit}", "peak GiB", "passing recv", "decode ms/tok", "answer s", "logits Δ vs single"):
         table.add_column(name, justify="left" if name == "method" else "right")
+    cite = any(row.get("cite_ms") is not None for row in rows)
+    if cite:
+        table.add_column("cite ms", justify="right")
 
     def rate(value: float | None) -> str:
         return _fmt(None if value is None else value * scale, 1)
@@ -190,11 +193,13 @@ def results_table(rows: list[dict[str, Any]], device: str = "cuda", one_device: 
             rate(row["busiest_host_tflops"]), _fmt(max(peaks) if peaks else None, 1) if gpu else "n/a",
             _fmt(row.get("passing_received")), _fmt(row["decode_ms_per_token"], 1), _fmt(row.get("answer_s"), 3),
             _fmt(row.get("logits_rel_diff_vs_single"), 4),  # absent when single did not run
+            *([_fmt(row.get("cite_ms"), 1)] if cite else []),
         )
     table.caption = ("* approximate method; single = rank 0 alone, whole context; eff = exact causal FLOPs / time; "
                      "exec = FLOPs the method runs; passing recv = tokens the last host received; "
                      "answer s = prefill + query + --decode-tokens tokens (per question with --questions); "
-                     "logits Δ = ‖logits − single's‖ / ‖single's‖ after the query")
+                     "logits Δ = ‖logits − single's‖ / ‖single's‖ after the query"
+                     + ("; cite ms = folding the citation mass after each answer (in answer s)" if cite else ""))
     return table
 
 

@@ -94,7 +94,8 @@ def stream(port: int, document: str, question: str, apb: dict | None, max_tokens
     result = (final or {}).get("result", {})
     return {"status": 200, "ttft_s": first_s, "total_s": total_s, "answer": "".join(text),
             "cache_hit": (final or {}).get("cache_hit"), "reused_prefill": (final or {}).get("reused_prefill"),
-            "prompt_tokens": result.get("prompt_tokens"), "compressor": result.get("compressor"), "auto_exact": result.get("auto_exact"),
+            "prompt_tokens": result.get("prompt_tokens"), "compressor": result.get("compressor"),
+            "auto_exact": result.get("auto_exact"),
             "timings": result.get("timings")}
 
 

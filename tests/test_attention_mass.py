@@ -19,8 +19,9 @@ TOL = 1e-5
 
 
 def collected_mass(rank: int, hosts: int, kind: str, ctx: list[int], query: list[int], new_tokens: int,
-                   mode: str, fraction: float):
-    """Prefill `ctx` exactly on this host, collect the mass while decoding greedily; (mass, tokens)."""
+                   mode: str, fraction: float, rows: int | None = None):
+    """Prefill `ctx` exactly on this host, collect the mass while decoding greedily (room for `rows` query rows,
+    default new_tokens); (mass, tokens)."""
     from conftest import tiny_model
 
     engine = HostEngine(tiny_model(kind), rank, hosts, decode=mode)
@@ -29,7 +30,7 @@ def collected_mass(rank: int, hosts: int, kind: str, ctx: list[int], query: list
     block_lens = [e - s for s, e in split_blocks(prompt.context_len, hosts)]
     engine.prefill(host_plan(engine, method, prompt), prompt.context_ids, passing=method.passing,
                    block_lens=block_lens, reserve=len(query) + new_tokens + 1)
-    engine.collect_mass(cite_layers(engine.layers, fraction))
+    engine.collect_mass(cite_layers(engine.layers, fraction), new_tokens if rows is None else rows)
     engine.mass.reset()
     decoded = decode(engine, list(query), len(ctx), new_tokens, lambda logits: int(logits.argmax()))
     return engine.gather_mass(), decoded.tokens
@@ -88,3 +89,21 @@ def test_cite_layers_are_the_upper_quarter():
     assert cite_layers(30) == tuple(range(22, 30))
     assert cite_layers(2) == (1,)
     assert cite_layers(4, 1.0) == (0, 1, 2, 3)
+
+
+def test_mass_folded_one_row_at_a_time_equals_dense_attention(monkeypatch):
+    """The rows recorded during decode are folded after the answer in chunks sized by FOLD_BYTES: with chunks of
+    one row the mass is the same."""
+    from apb_core.runtime.attention_mass import AttentionMass
+
+    monkeypatch.setattr(AttentionMass, "FOLD_BYTES", 1)
+    ctx, query = _ids(7, 100), _ids(8, 5)
+    mass, tokens = collected_mass(0, 1, "qwen2", ctx, query, 6, "static", 0.25)
+    ref = reference_mass("qwen2", ctx, query, tokens, 0.25)
+    assert (mass - ref).abs().max().item() <= TOL
+
+
+def test_more_rows_than_reserved_is_an_error_not_a_wrong_mass():
+    ctx, query = _ids(9, 60), _ids(10, 3)
+    with pytest.raises(RuntimeError, match="recorded 5 query rows but had room for 2"):
+        collected_mass(0, 1, "llama", ctx, query, 5, "eager", 1.0, rows=2)

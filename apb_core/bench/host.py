@@ -89,6 +89,7 @@ class HostRun:
     block_len: int = 0
     query_s: float = 0.0
     token_s: list[float] = field(default_factory=list)
+    cite_s: list[float] = field(default_factory=list)  # --cite: each answer's fold and gather of the mass
     peak_bytes: int | None = None
     logits: torch.Tensor | None = None
     generated: list[int] = field(default_factory=list)
@@ -201,7 +202,7 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
         run.anchor_len, run.passing_len, run.auto_exact = setup.anchor_len, setup.passing_len, setup.auto_exact
         run.passing_received, run.block_len = call.passing_received, plan.block_len
         if job.cite:
-            target.collect_mass(cite_layers(target.layers))
+            target.collect_mass(cite_layers(target.layers), job.decode_tokens + 1)
         for i, question in enumerate(job.prompts()):  # every question over the one prefill, the first reported
             target.rewind()
             if target.mass is not None:
@@ -209,7 +210,11 @@ def bench_method(engine: HostEngine, method: str, job: BenchJob, emit: Callable[
             barrier(target.device, target.hosts, target.comm)  # as ask does (generate.answer_question)
             decoded = decode(target, question.query_ids, len(prompt.context_ids), job.decode_tokens + 1,
                              lambda logits: int(logits.argmax()))
-            target.gather_mass()  # as ask does after each answer (not in token_s)
+            if job.cite:  # as ask does after each answer: fold the recorded rows, gather the hosts' masses
+                t_cite = time.perf_counter()
+                target.gather_mass()
+                sync(target.device)
+                run.cite_s.append(time.perf_counter() - t_cite)
             run.question_query_s.append(decoded.query_s)
             run.token_s += decoded.token_s
             if i == 0:

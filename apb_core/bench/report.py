@@ -66,13 +66,14 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims,
         gpus = len(active)
         critical = active[-1]  # the last host: it holds the query and, for APB/Star, the most work
         token_s = _median(lead.token_s) if lead.token_s else None
+        cite_s = _median(lead.cite_s) if lead.cite_s else 0.0  # --cite: per answer, after its last token
         answer_s = one_answer_s = None
         queries_s = lead.question_query_s if method != "hf" else [0.0]  # hf: one question, its query in prefill
         questions = max(len(queries_s), 1)
         if seconds is not None and token_s is not None:  # what a user waits for: prefill, query, the answer
-            one_answer_s = seconds + (queries_s[0] if queries_s else 0.0) + job.decode_tokens * token_s
+            one_answer_s = seconds + (queries_s[0] if queries_s else 0.0) + job.decode_tokens * token_s + cite_s
             # bench --questions N: every question's query and answer over the one prefill
-            answer_s = seconds + sum(queries_s) + questions * job.decode_tokens * token_s
+            answer_s = seconds + sum(queries_s) + questions * (job.decode_tokens * token_s + cite_s)
         row: dict[str, Any] = {
             "method": method,
             "len": job.length,
@@ -95,6 +96,7 @@ def summarise(job: BenchJob, per_host: list[list[HostRun]], dims: ModelDims,
             "peak_mem_gib": [None if r.peak_bytes is None else r.peak_bytes / 2**30 for r in active],
             "query_ms": lead.query_s * 1e3 if lead.participated and method != "hf" else None,
             "decode_ms_per_token": token_s * 1e3 if token_s is not None else None,
+            "cite_ms": cite_s * 1e3 if lead.cite_s else None,  # --cite: folding the mass after each answer
             "answer_s": answer_s,
             "questions": questions,
             "one_answer_s": one_answer_s,  # the first question alone: prefill, its query, its answer

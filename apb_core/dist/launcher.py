@@ -27,6 +27,9 @@ from apb_core.errors import WorkerError
 
 POLL_S = 0.1
 GRACE_S = 3.0
+# the decode watchdog waits this long past the collective timeout, so that a collective that timed out (gloo: on
+# the waiting ranks) reports first and names the stuck worker; NCCL's may report much later or not at all
+DECODE_GRACE_S = 2.0
 
 
 def free_port() -> int:
@@ -128,10 +131,12 @@ class Workers:
         got: dict = {}
         started, first_at = time.monotonic(), None
         layers, moved = [0] * self.hosts, [started] * self.hosts  # prefill layers each rank reported, and when
+        token_at: float | None = None  # when rank 0 last reported an answer token
         while len(got) < self.hosts:
             if first_at is not None:
                 self._check_stragglers(kind, got, first_at, first_at - started)
             self._check_progress(layers, moved)
+            self._check_decode(token_at)
             try:
                 msg = self.events.get(timeout=POLL_S)
             except queue.Empty:
@@ -142,6 +147,8 @@ class Workers:
                 if event.kind == "progress" and event.phase == "prefill" and 0 <= event.rank < self.hosts:
                     layers[event.rank] += 1
                     moved[event.rank] = time.monotonic()
+                elif event.kind == "progress" and event.phase == "decode":
+                    token_at = time.monotonic()
                 self.on_event(event)
             elif msg[0] == "error":
                 self._fail(msg[1], msg[2])
@@ -176,6 +183,18 @@ class Workers:
                     f"worker {rank} is stuck: no progress for {self.timeout_s:g} s at prefill layer {done} "
                     f"while worker {layers.index(lead)} reached layer {lead} (APB_COLLECTIVE_TIMEOUT sets the limit)"
                 )
+
+    def _check_decode(self, token_at: float | None) -> None:
+        """The watchdog for a worker stuck in decode: over NCCL the other ranks' collectives wait on the GPU and
+        their host threads block in the next synchronisation, where no timeout of theirs ends them promptly
+        (NCCL's own watchdog aborts much later). Rank 0 reports every answer token, and a token takes
+        milliseconds: no next token for the collective timeout (plus DECODE_GRACE_S) means a stuck worker."""
+        if token_at is not None and time.monotonic() - token_at > self.timeout_s + DECODE_GRACE_S:
+            self.stop()
+            raise WorkerError(
+                f"a worker is stuck: no answer token for {self.timeout_s + DECODE_GRACE_S:g} s in decode "
+                "(APB_COLLECTIVE_TIMEOUT sets the limit)"
+            )
 
     def _died(self, index: int) -> WorkerError:
         """The error for worker process `index` that died without a word (named by its first host's rank)."""

@@ -12,9 +12,14 @@ What is summed, and why:
   tokens are not context; host 0's chat-template head is dropped later, when masses become passages.
 Each term is a softmax probability under the *merged* log-sum-exp of all hosts, exp(q·k·scale − lse_merged)
 = exp(q·k·scale − lse_host) · exp(lse_host − lse_merged): each host's local probabilities weighted by its
-share of the softmax, so masses of all hosts add up to the true attention of the whole sequence. Every host
-accumulates into a fixed [block_len] buffer (static shapes: capturable in the CUDA decode graph); one
-all-gather after the answer brings the blocks together.
+share of the softmax, so masses of all hosts add up to the true attention of the whole sequence.
+
+When: a decode step only *records* its query row and merged lse per cited layer (two small copies into fixed
+[rows] buffers at a device-side row counter: static shapes, capturable in the CUDA decode graph); the q·Kᵀ over
+the block, its exp and the sums run once after the answer (`fold`), as a few batched matmuls over all the rows.
+Computed inside every step instead, they cost +4.5 % decode time on one host and +14.6 % on two in-process
+hosts (one H200, graph decode, 32K, docs/quality.md). One all-gather after the answer brings the hosts' blocks
+together.
 """
 
 from __future__ import annotations
@@ -31,30 +36,81 @@ def cite_layers(layers: int, fraction: float = CITE_LAYER_FRACTION) -> tuple[int
 
 
 class AttentionMass:
-    """One host's accumulated attention mass per block token: `mass` [block_len] fp32, on the engine's device."""
+    """One host's attention mass per block token: `mass` [block_len] fp32, on the engine's device, complete
+    after `fold`. Holds up to `rows` recorded query rows per cited layer between resets (the query phase's last
+    row plus one per decode step: max_new_tokens rows)."""
 
-    def __init__(self, block_len: int, layers: tuple[int, ...], device) -> None:
+    FOLD_BYTES = 16 << 20  # fp32 logits per fold chunk (rows are folded in chunks that fit; measured on CPU)
+
+    def __init__(self, block_len: int, layers: tuple[int, ...], device, rows: int) -> None:
         self.block_len = block_len
-        self.layers = frozenset(layers)
+        self.layers = tuple(sorted(set(layers)))
+        self.slot = {layer: i for i, layer in enumerate(self.layers)}
+        self.rows = max(1, rows)
         self.mass = torch.zeros(block_len, dtype=torch.float32, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # rows recorded since the last reset
+        self.q_log: torch.Tensor | None = None  # [layers, rows, B, Hq, D] in the query's dtype (on first record)
+        self.lse_log: torch.Tensor | None = None  # [layers, rows, B, Hq] fp32
+        self.scale = 1.0
+        self._row: torch.Tensor | None = None  # this step's write index [1]
 
     def reset(self) -> None:
-        """Zero the buffer in place (a captured decode graph keeps writing into the same tensor)."""
+        """Zero the mass and the row counter in place (a captured decode graph keeps using the same tensors)."""
         self.mass.zero_()
+        self.step.zero_()
+
+    def checkpoint(self) -> torch.Tensor:
+        """The row counter's value (to undo warm-up steps run before a graph capture: `restore`)."""
+        return self.step.clone()
+
+    def restore(self, step: torch.Tensor) -> None:
+        self.step.copy_(step)
 
     def add(self, layer: int, q: torch.Tensor, k_block: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
-        """Add the last query row's attention probabilities over the block keys, summed over heads.
+        """Record the last query row of `layer` and its merged lse (the attention itself waits for `fold`).
 
-        q [B, Hq, s, D] post-RoPE; k_block [B, Hkv, block_len, D]; lse [B, Hq, s] fp32, merged over every host.
+        q [B, Hq, s, D] post-RoPE; k_block [B, Hkv, block_len, D] (unused here: `fold` reads the cache);
+        lse [B, Hq, s] fp32, merged over every host.
         """
-        if layer not in self.layers or self.block_len == 0:
+        slot = self.slot.get(layer)
+        if slot is None or self.block_len == 0:
             return
         b, hq, _, d = q.shape
-        hkv = k_block.shape[1]
-        q_g = q[:, :, -1].reshape(b, hkv, hq // hkv, d).to(k_block.dtype)  # query head i reads KV head i // G
-        logits = torch.matmul(q_g, k_block.transpose(-1, -2)).float() * scale  # [B, Hkv, G, block_len]
-        probs = torch.exp(logits - lse[:, :, -1].reshape(b, hkv, hq // hkv, 1))
-        self.mass += probs.sum(dim=(0, 1, 2))
+        if self.q_log is None:
+            self.q_log = torch.zeros(len(self.layers), self.rows, b, hq, d, dtype=q.dtype, device=q.device)
+            self.lse_log = torch.zeros(len(self.layers), self.rows, b, hq, dtype=torch.float32, device=q.device)
+        self.scale = scale
+        if slot == 0:  # one write index per step; past `rows` it stays on the last row and fold refuses
+            self._row = torch.clamp(self.step, max=self.rows - 1).view(1)
+        self.q_log[slot].index_copy_(0, self._row, q[:, :, -1].unsqueeze(0))
+        self.lse_log[slot].index_copy_(0, self._row, lse[:, :, -1].float().unsqueeze(0))
+        if slot == len(self.layers) - 1:
+            self.step += 1
+
+    def fold(self, k_block_of) -> None:
+        """Add the recorded rows' attention probabilities over the block keys, summed over rows, heads and
+        layers, to `mass`, and empty the record. k_block_of(layer) -> [B, Hkv, block_len, D] (the cache)."""
+        n = int(self.step)
+        if n > self.rows:
+            raise RuntimeError(f"--cite recorded {n} query rows but had room for {self.rows}")
+        if n == 0 or self.q_log is None:
+            return
+        for slot, layer in enumerate(self.layers):
+            k_block = k_block_of(layer)
+            b, hkv, length, d = k_block.shape
+            hq = self.q_log.shape[3]
+            group = hq // hkv
+            chunk = max(1, self.FOLD_BYTES // max(1, b * hq * length * 4))
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                # [r, B, Hq, D] -> [B, Hkv, r*G, D]: query head i reads KV head i // G
+                q = self.q_log[slot, start:stop].to(k_block.dtype)
+                q = q.view(stop - start, b, hkv, group, d).permute(1, 2, 0, 3, 4).reshape(b, hkv, -1, d)
+                lse = self.lse_log[slot, start:stop].view(stop - start, b, hkv, group).permute(1, 2, 0, 3)
+                logits = torch.matmul(q, k_block.transpose(-1, -2)).float()  # [B, Hkv, r*G, L]
+                probs = logits.mul_(self.scale).sub_(lse.reshape(b, hkv, -1, 1)).exp_()  # in place: one buffer
+                self.mass += probs.sum(dim=(0, 1, 2))
+        self.step.zero_()
 
     def gather(self, hosts: int, comm=None) -> torch.Tensor:
         """Every host's buffer, concatenated in rank order, on CPU: [sum of block_len] (two all-gathers over

@@ -197,16 +197,21 @@ class HostEngine:
         if self.cache is not None:
             self.cache.length = self.context_len
 
-    def collect_mass(self, layers: tuple[int, ...]) -> None:
-        """From now until the next prefill, every decode step adds its attention over the block's keys in
-        `layers` to `self.mass` (apb_core.runtime.attention_mass); reset it before each question."""
-        self.mass = AttentionMass(self.context_len, layers, self.device)
+    def collect_mass(self, layers: tuple[int, ...], rows: int) -> None:
+        """From now until the next prefill, every decode step records its attention query in `layers` for
+        `self.mass` (apb_core.runtime.attention_mass), up to `rows` per question (its max_new_tokens); reset it
+        before each question."""
+        self.mass = AttentionMass(self.context_len, layers, self.device, rows)
         self._decoder = None  # a captured step must include the accumulation
 
     def gather_mass(self) -> torch.Tensor | None:
         """Every host's accumulated mass, concatenated in rank order, [context tokens] on CPU (a collective:
         every host calls it); None when collect_mass was not called."""
-        return None if self.mass is None else self.mass.gather(self.hosts, self.comm)
+        if self.mass is None:
+            return None
+        block_len = self.mass.block_len
+        self.mass.fold(lambda layer: self.cache.view(layer, block_len)[0])
+        return self.mass.gather(self.hosts, self.comm)
 
     def _block_rope(self, plan: HostPlan, pos: torch.Tensor, passing: PassingSpec):
         """RoPE cos/sin [B, n, D] of the block's positions: the retaining heads read pre-RoPE q and k."""

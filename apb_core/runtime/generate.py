@@ -159,7 +159,7 @@ class JobResult:
     answer: str
     token_ids: list[int]
     prefill_s: float  # from the common start to the last host's end of prefill
-    decode_s: float  # query phase + generation
+    decode_s: float  # query phase + generation (+ folding the citation mass with --cite)
     host_prefill_s: float  # this host's own prefill time
     block_tokens: int
     anchor_tokens: int
@@ -201,7 +201,7 @@ def run_questions(engine: HostEngine, job: AskJob, tokenizer, emit: Callable[[Ev
     sync(engine.device)
     host_prefill = time.perf_counter() - t0
     if job.cite:
-        engine.collect_mass(cite_layers(engine.layers))
+        engine.collect_mass(cite_layers(engine.layers), job.max_new_tokens)
     barrier(engine.device, engine.hosts, engine.comm)
     t1 = time.perf_counter()
     results = []
@@ -242,9 +242,9 @@ def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index
     decoded = decode(engine, query_ids, len(job.prompt.context_ids), job.max_new_tokens,
                      lambda logits: sample_next(logits, job.temperature, job.top_p, generator),
                      on_token, job.eos_ids, faults, cancel)
+    mass = engine.gather_mass()  # --cite: the recorded rows folded into the mass, one collective (in decode_s)
     sync(engine.device)
     decode_s = time.perf_counter() - t1
-    mass = engine.gather_mass()  # after the answer: one collective, outside decode_s
     tail = stop.flush()
     if rank == 0 and job.stream and tail:
         emit(Event("token", rank=0, text=tail, question=index))

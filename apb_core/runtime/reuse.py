@@ -72,7 +72,7 @@ class ServeJob:
         try:
             engine.rewind()  # the document-only state: no earlier question or answer is seen
             if job.cite:
-                engine.collect_mass(cite_layers(engine.layers))
+                engine.collect_mass(cite_layers(engine.layers), job.max_new_tokens)
             result = answer_question(engine, job, job.queries[0], job.index, host.tokenizer, emit, host.faults,
                                      host.cancel)
             result.block_tokens = engine.context_len

@@ -89,7 +89,7 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         masses = [m for m in self.call.masses if m is not None]
-        kept = [m.mass.clone() for m in masses]  # the query phase's row, before warm-up adds to it
+        kept = [m.checkpoint() for m in masses]  # the query phase's row, before warm-up records more
         side = torch.cuda.Stream(self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):
@@ -100,7 +100,7 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
         for mass, before in zip(masses, kept, strict=True):
-            mass.mass.copy_(before)
+            mass.restore(before)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Run `token` at position `pos`; returns the last-token logits [V] fp32 (a buffer that the next step
