@@ -6,6 +6,11 @@ query row and lse) and the `fold` after the answer; with `--old FILE` (an earlie
 inside every step) the same rows through that one, and the largest relative difference of the two masses.
 
     python scripts/cite_mass_micro.py --old /tmp/old_mass.py
+
+`--decode ROOT` instead times whole decode steps of a checkout at ROOT (e.g. `git worktree add /tmp/old c5e18cf`):
+the tests' tiny Llama, 2 hosts taking turns in this process, compressed APB over 2,000 tokens, static decode,
+48 tokens, four alternating pairs without and with `cite`: ms per token after the query phase (this checkout's
+`decode_s` includes the fold).
 """
 
 from __future__ import annotations
@@ -54,11 +59,40 @@ def _time(make, ks, qs, lse, steps: int, fold: bool) -> tuple[float, float, torc
     return best
 
 
+def decode_steps(root: str) -> None:
+    """Whole decode steps of the checkout at `root`, without and with citations (see the module docstring)."""
+    sys.path[:0] = [str(Path(root) / "tests"), str(root)]
+    for name in [m for m in sys.modules if m == "apb_core" or m.startswith("apb_core.")]:
+        del sys.modules[name]
+    torch.set_num_threads(2)
+    from test_workers import in_process, tokens
+
+    from apb_core.algorithm.methods import resolve_method
+    from apb_core.runtime.generate import AskJob
+    from apb_core.runtime.prompt import Prompt
+
+    ctx, query = tokens(41, 2000), tokens(42, 8)
+    method = resolve_method("apb", len(ctx), 2, 256, 128, auto_exact=False)
+    per_token: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(4):
+        for cite in (False, True):
+            job = AskJob(Prompt(ctx, query, query[:4], query[:4], 0), method, max_new_tokens=48, cite=cite)
+            result = in_process(2, job, decode="static")[-1][0]
+            steps = max(1, len(result.token_ids) - 1)
+            per_token[cite].append((result.decode_s - result.query_s) / steps * 1e3)
+    for cite, values in per_token.items():
+        print(f"{root}: {'cite ' if cite else 'plain'} " + " ".join(f"{v:.2f}" for v in values) + " ms/token")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--old", default=None, help="an earlier attention_mass.py to compare with")
+    p.add_argument("--decode", default=None, metavar="ROOT", help="time whole decode steps of the checkout at ROOT")
     args = p.parse_args()
+    if args.decode:
+        decode_steps(args.decode)
+        return
     torch.set_num_threads(1)
     old = _load(args.old) if args.old else None
     for name, hq, hkv, d, block, layers in SHAPES:
