@@ -185,10 +185,11 @@ class Workers:
                 )
 
     def _check_decode(self, token_at: float | None) -> None:
-        """The watchdog for a worker stuck in decode: over NCCL the other ranks' collectives wait on the GPU and
-        their host threads block in the next synchronisation, where no timeout of theirs ends them promptly
-        (NCCL's own watchdog aborts much later). Rank 0 reports every answer token, and a token takes
-        milliseconds: no next token for the collective timeout (plus DECODE_GRACE_S) means a stuck worker."""
+        """The watchdog for a worker stuck in an answer: over NCCL the other ranks' collectives wait on the GPU
+        and their host threads block in the next synchronisation, where no timeout of theirs ends them promptly
+        (NCCL's own watchdog aborts much later). Rank 0 reports the start of each answer (token 0: the query
+        phase follows) and every token, and a token takes milliseconds: nothing new for the collective timeout
+        (plus DECODE_GRACE_S) means a stuck worker."""
         if token_at is not None and time.monotonic() - token_at > self.timeout_s + DECODE_GRACE_S:
             self.stop()
             raise WorkerError(

@@ -221,6 +221,8 @@ def answer_question(engine: HostEngine, job: AskJob, query_ids: list[int], index
     """One question's query phase and decode over the prefilled cache (prefill fields left at 0); `cancel`: see
     `decode`."""
     rank = engine.rank
+    if rank == 0:  # the answer starts: the launcher's decode watchdog counts from here (query phase included)
+        emit(Event("progress", rank=0, phase="decode", done=0, total=job.max_new_tokens, question=index))
     if engine.mass is not None:
         engine.mass.reset()
     # every host's cache rewound and mass zeroed before any query phase: hosts that share a process decode in
