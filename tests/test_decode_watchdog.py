@@ -30,8 +30,10 @@ def _workers(events: list[tuple]) -> Workers:
     return workers
 
 
-def test_no_next_token_ends_the_run_after_the_timeout():
-    tokens = [("event", Event("progress", rank=0, phase="decode", done=i, total=8)) for i in (1, 2)]
+@pytest.mark.parametrize("done", [(0,), (0, 1, 2)], ids=["stuck-in-query-phase", "stuck-after-two-tokens"])
+def test_no_next_token_ends_the_run_after_the_timeout(done):
+    """Rank 0 reports token 0 when an answer starts (the query phase follows), then every token."""
+    tokens = [("event", Event("progress", rank=0, phase="decode", done=i, total=8)) for i in done]
     workers = _workers(tokens)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match="stuck: no answer token for 2.5 s in decode"):
