@@ -42,14 +42,18 @@ def _load(path: str):
 
 
 def _time(make, ks, qs, lse, steps: int, fold: bool) -> tuple[float, float, torch.Tensor]:
-    """Best of three: (ms per step in add, ms of the fold, the mass)."""
+    """Best of three: (ms per step in add, ms of the fold, the mass). fold: the current AttentionMass (add
+    records, fold computes); else the old one (add(layer, q, k_block, lse, scale) computes)."""
     best = None
     for _ in range(3):
         mass = make()
         t0 = time.perf_counter()
         for _ in range(steps):
             for layer, (k, q) in enumerate(zip(ks, qs, strict=True)):
-                mass.add(layer, q, k, lse, 0.125)
+                if fold:
+                    mass.add(layer, q, lse, 0.125)
+                else:
+                    mass.add(layer, q, k, lse, 0.125)
         t1 = time.perf_counter()
         if fold:
             mass.fold(lambda layer: ks[layer])

@@ -66,12 +66,10 @@ class AttentionMass:
     def restore(self, step: torch.Tensor) -> None:
         self.step.copy_(step)
 
-    def add(self, layer: int, q: torch.Tensor, k_block: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
-        """Record the last query row of `layer` and its merged lse (the attention itself waits for `fold`).
-
-        q [B, Hq, s, D] post-RoPE; k_block [B, Hkv, block_len, D] (unused here: `fold` reads the cache);
-        lse [B, Hq, s] fp32, merged over every host.
-        """
+    def add(self, layer: int, q: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        """Record the last query row of `layer` and its merged lse (the attention itself waits for `fold`, which
+        reads the block's keys from the cache). q [B, Hq, s, D] post-RoPE; lse [B, Hq, s] fp32, merged over
+        every host."""
         slot = self.slot.get(layer)
         if slot is None or self.block_len == 0:
             return

@@ -90,9 +90,9 @@ class DecodeCall:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         parts = [self._local(cache, i == self.writer, layer, q, k, v, scale) for i, cache in enumerate(self.caches)]
         out, lse = merge_hosts(parts, self.comm, q.dtype)
-        for cache, mass in zip(self.caches, self.masses, strict=False):
+        for mass in self.masses:
             if mass is not None:
-                mass.add(layer, q, cache.view(layer, mass.block_len)[0], lse, scale)
+                mass.add(layer, q, lse, scale)
         return out
 
     @staticmethod

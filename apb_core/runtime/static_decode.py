@@ -55,9 +55,9 @@ class StaticDecodeCall:
                 used = used + 1
             parts.append(self.attentions[i](q, k_cache, v_cache, used.to(torch.int32), scale))
         out, lse = merge_hosts(parts, self.comm, q.dtype)
-        for cache, mass in zip(self.caches, self.masses, strict=True):
+        for mass in self.masses:
             if mass is not None:
-                mass.add(layer, q, cache.k[layer][:, :, : mass.block_len], lse, scale)
+                mass.add(layer, q, lse, scale)
         return out
 
 
