@@ -459,6 +459,43 @@ def test_killed_worker_is_503_then_the_server_recovers():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
+class _CountingTokenizer:
+    """Whitespace 'tokens' (ids = word lengths) that counts how often it was asked; no chat template."""
+
+    bos_token = ""
+    chat_template = None
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        self.calls.append(text)
+        return type("Encoded", (), {"input_ids": [len(w) for w in text.split()]})()
+
+
+def test_document_tokens_are_kept_by_text_and_give_the_same_prompt():
+    """A document seen before is not tokenized again (the least recently used of more than `size` is), and the
+    prompt built from the kept ids equals the one built from the text, also when the document is cut."""
+    from apb_core.runtime.prompt import build_prompts
+    from apb_core.serve.cache import DocumentTokens
+
+    tok, kept = _CountingTokenizer(), DocumentTokens(size=2)
+    docs = ["alpha beta gamma " * 20, "one two three " * 20, "x yy zzz " * 20]
+    first = kept.get(tok, docs[0])
+    assert kept.get(tok, docs[0]) is first and tok.calls.count(docs[0]) == 1
+    kept.get(tok, docs[1])
+    kept.get(tok, docs[0])  # docs[0] most recent: docs[1] goes first
+    kept.get(tok, docs[2])
+    assert len(kept.ids) == 2 and tok.calls.count(docs[1]) == 1
+    kept.get(tok, docs[1])
+    assert tok.calls.count(docs[1]) == 2 and tok.calls.count(docs[0]) == 1
+    for truncate, window in (("none", 200), ("middle", 40), ("end", 40)):
+        plain = build_prompts(tok, docs[0], ["what now?"], window, 4, truncate)
+        reused = build_prompts(tok, docs[0], ["what now?"], window, 4, truncate, doc_ids=first)
+        assert plain == reused
+    assert first == [len(w) for w in docs[0].split()]  # cutting the document left the kept ids alone
+
+
 def test_document_cache_plans_lru_by_bytes():
     """The launcher's plans: a kept document is a hit while its room lasts; a new one evicts the least recently
     used until it fits; one over the limit is not kept and evicts nothing; no cache touches nothing."""

@@ -39,6 +39,11 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
+def encode_document(tokenizer, document: str) -> list[int]:
+    """The document's token ids as build_prompt makes them (its `doc_ids`, for callers that keep them)."""
+    return _encode(tokenizer, document)
+
+
 def template_parts(tokenizer, system: str | None = None) -> tuple[str, str, str]:
     """(head, middle, tail) such that prompt = head + document + middle + question + tail.
 
@@ -68,15 +73,17 @@ def build_prompt(
     truncate: str = "none",
     answer_prefix: str = "",
     system: str | None = None,
+    doc_ids: list[int] | None = None,
 ) -> Prompt:
     """Tokenize the prompt parts; cut the document (middle or end) if asked and it does not fit the window.
 
-    `reserve`: tokens kept free for the answer. Raises InputError when the prompt does not fit and truncate is
-    "none" (the message states both numbers).
+    `reserve`: tokens kept free for the answer. `doc_ids`: encode_document(tokenizer, document) when the caller
+    has it already (not modified). Raises InputError when the prompt does not fit and truncate is "none" (the
+    message states both numbers).
     """
     head, middle, tail = template_parts(tokenizer, system)
     head_ids = _encode(tokenizer, head)
-    doc_ids = _encode(tokenizer, document)
+    doc_ids = encode_document(tokenizer, document) if doc_ids is None else doc_ids
     query_ids = _encode(tokenizer, middle + question + tail + answer_prefix)
     probe_len = len(_encode(tokenizer, middle + question))
     total = len(head_ids) + len(doc_ids) + len(query_ids) + reserve
@@ -109,16 +116,18 @@ def build_prompt(
 
 def build_prompts(tokenizer, document: str, questions: list[str], window: int, reserve: int,
                   truncate: str = "none", answer_prefixes: list[str] | None = None,
-                  system: str | None = None) -> list[Prompt]:
+                  system: str | None = None, doc_ids: list[int] | None = None) -> list[Prompt]:
     """One prompt per question, all with the same context (so that one prefill can serve them): where the
-    document must be cut, every prompt is cut as much as the longest question's needs."""
+    document must be cut, every prompt is cut as much as the longest question's needs. `doc_ids`: see
+    build_prompt (the document is tokenized once here either way)."""
     prefixes = answer_prefixes or [""] * len(questions)
-    prompts = [build_prompt(tokenizer, document, q, window, reserve, truncate, p, system)
+    doc_ids = encode_document(tokenizer, document) if doc_ids is None else doc_ids
+    prompts = [build_prompt(tokenizer, document, q, window, reserve, truncate, p, system, doc_ids)
                for q, p in zip(questions, prefixes, strict=True)]
     if len({len(p.context_ids) for p in prompts}) > 1:
         longest = max(len(p.query_ids) for p in prompts)
         prompts = [build_prompt(tokenizer, document, q, window, reserve + longest - len(p.query_ids), truncate, a,
-                                system)
+                                system, doc_ids)
                    for q, a, p in zip(questions, prefixes, prompts, strict=True)]
     return prompts
 

@@ -29,7 +29,7 @@ from apb_core.errors import ApbError, InputError, WorkerError
 from apb_core.runtime.generate import AskJob
 from apb_core.runtime.prompt import Prompt, build_prompts
 from apb_core.runtime.reuse import ServeJob, needed_tokens, room_tokens
-from apb_core.serve.cache import CachePlan, DocumentCache, Entry, cache_key, kv_bytes
+from apb_core.serve.cache import CachePlan, DocumentCache, DocumentTokens, Entry, cache_key, kv_bytes
 
 
 class Busy(ApbError):
@@ -98,6 +98,7 @@ class ServeEngine:
     def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16) -> None:
         self.base, self.max_queue = base, max_queue
         self.cache = DocumentCache(cache_bytes)
+        self.tokens = DocumentTokens()  # the same tokenizer across worker restarts: kept
         self.session: Session | None = None
         self.state = "loading"  # loading | ready | restarting | failed | stopping | stopped
         self.current: Ticket | None = None
@@ -244,7 +245,7 @@ class ServeEngine:
         if not question.strip():
             raise InputError("the question (the last user message) is empty")
         prompt = build_prompts(s.tokenizer, document, [question], s.window, req.max_new_tokens, req.truncate,
-                               None, req.system)[0]
+                               None, req.system, self.tokens.get(s.tokenizer, document))[0]
         method = resolve_method(req.method, prompt.context_len, s.hosts, req.anchor_len, req.passing_len,
                                 req.compressor, req.question_in_anchor, req.seed, s.dims, req.auto_exact,
                                 req.layout, device=self.base.device)
