@@ -13,11 +13,16 @@
 #                                             in .gpu/serve) and bench's --cite decode cost, one pair
 #   scripts/gpu_quality.sh jobs               every (length, method, H) cell side by side, resumable
 #                                             (scripts/gpu_eval_jobs.py; rows kept in /tmp/keep/rows)
+#   scripts/gpu_quality.sh faults             (2 GPUs, after prepare) a rank hung in prefill / in decode over
+#                                             NCCL with APB_COLLECTIVE_TIMEOUT=15: seconds from the hang to
+#                                             apb's exit, its one line, processes left; then the same hang
+#                                             under `apb serve` (503, then the workers restart)
 # Logs, JSON and JSONL rows go to $OUT.
 set -u
 KEEP=/tmp/keep
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-MODEL=$KEEP/qwen.gguf
+MODEL=${MODEL:-$KEEP/qwen.gguf}
+DEVICE=${DEVICE:-cuda}
 export APB_CACHE_DIR=$KEEP/cache PYTHONPATH=$KEEP/py:. PYTHONUNBUFFERED=1 COLUMNS=200 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/apb-gpu-out}
@@ -90,7 +95,25 @@ jobs)
         --parallel "${PARALLEL:-14}" ${ONLY:+--only "$ONLY"}
     kill $SMI; tail -n 40 "$OUT/gpu_util.csv"
     ;;
+faults)
+    export APB_COLLECTIVE_TIMEOUT=15
+    for phase in prefill decode; do
+        marks=$(mktemp -d)
+        t0=$(date +%s.%N)
+        APB_FAULT="rank=1,phase=$phase,kind=hang" APB_FAULT_MARKER=$marks timeout 300 $PY -m apb_cli.main ask \
+            examples/sample.md "What is the secret passcode for the north archive?" --model "$MODEL" --device "$DEVICE" \
+            --hosts 2 --max-new-tokens 16 --quiet > "$OUT/fault_$phase.out" 2> "$OUT/fault_$phase.err"
+        code=$?; t1=$(date +%s.%N)
+        hung=$(stat -c %.Y "$marks/$phase-1" 2>/dev/null || echo "$t0")
+        sleep 1; left=$(pgrep -fc "apb-worker|apb_cli.main ask" || true)
+        echo "hang in $phase: exit $code, $(echo "$t1 - $hung" | bc) s after the hang ($(echo "$t1 - $t0" | bc) s wall)," \
+             "processes left: $left"; cat "$OUT/fault_$phase.err"
+    done
+    APB_FAULT="rank=1,phase=decode,kind=hang" timeout 200 $PY scripts/gpu_serve_ttft.py --model "$MODEL" \
+        --device "$DEVICE" --hosts 2 --hits 1 --long-tokens 0 --out "$OUT/fault_serve.json" > "$OUT/fault_serve.log" 2>&1
+    echo "serve under a decode hang: exit $?"; cat "$OUT/fault_serve.log"; tail -n 5 "$OUT/fault_serve.server.log"
+    ;;
 *)
-    echo "usage: $0 stash K | prepare | measure | eval LEN SAMPLES | jobs" >&2; exit 2
+    echo "usage: $0 stash K | prepare | measure | eval LEN SAMPLES | jobs | faults" >&2; exit 2
     ;;
 esac

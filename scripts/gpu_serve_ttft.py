@@ -75,7 +75,7 @@ def stream(port: int, document: str, question: str, apb: dict | None, max_tokens
     resp = conn.getresponse()
     first_s, text, final = None, [], None
     if resp.status != 200:
-        return {"status": resp.status, "error": resp.read().decode()[:300]}
+        return {"status": resp.status, "error": resp.read().decode()[:300], "total_s": time.perf_counter() - t0}
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: "):
@@ -86,6 +86,10 @@ def stream(port: int, document: str, question: str, apb: dict | None, max_tokens
         if data == "[DONE]":
             break
         event = json.loads(data)
+        if "error" in event:  # the generation failed after its first token (e.g. a stuck worker: 503 inside)
+            conn.close()
+            return {"status": 200, "error": event["error"].get("message", ""), "ttft_s": first_s,
+                    "total_s": time.perf_counter() - t0, "answer": "".join(text)}
         text.append(event["choices"][0]["delta"].get("content", ""))
         if "apb" in event:
             final = event["apb"]
@@ -139,10 +143,10 @@ def main() -> None:
                     run = stream(port, doc, question, apb, args.max_tokens)
                     run.update(document=name, question=question, apb=apb, index=i)
                     report["runs"].append(run)
-                    print(f"{name:22} {json.dumps(apb):18} q{i} ttft {run.get('ttft_s', 0) * 1e3:8.1f} ms  "
+                    print(f"{name:22} {json.dumps(apb):18} q{i} ttft {(run.get('ttft_s') or 0) * 1e3:8.1f} ms  "
                           f"total {run.get('total_s', 0):6.2f} s  hit {run.get('cache_hit')}  "
                           f"reused {run.get('reused_prefill')}  tokens {run.get('prompt_tokens')}  "
-                          f"{run.get('answer', run.get('error', ''))[:40]!r}", flush=True)
+                          f"{(run.get('error') or run.get('answer', ''))[:60]!r}", flush=True)
         hits = [r["ttft_s"] for r in report["runs"] if r.get("cache_hit") and r.get("ttft_s")]
         if hits:
             report["hit_ttft_ms_median"] = round(1e3 * statistics.median(hits), 1)
