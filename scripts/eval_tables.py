@@ -8,7 +8,8 @@ with and without an ablation can be merged and compared with the same `full` row
 Rows of the same answer (length, task, seed, sample, method, hosts) read more than once, e.g. a task rerun after a
 device call's time limit cut it (scripts/gpu_eval_jobs.py), count once: the last one read wins. `--min-full 20`
 keeps the tasks where full scored above 20 at that length (the quality issue's rule) and `--merged FILE` writes
-the rows that were counted.
+the rows that were counted. The last line pools every method's paired differences to full over all its
+(length, H, task) strata (stratified bootstrap, apb_core.eval.stats).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from apb_core.eval import stats  # noqa: E402
 from apb_core.eval.runner import read_rows, summarise  # noqa: E402
 
 
@@ -131,6 +133,23 @@ def main(argv: list[str]) -> None:
         layouts = sorted({(r["method"], r["hosts"], r["anchor_len"], str(r["passing_len"]), r.get("auto_exact"))
                           for r in rows if r["length"] == length and r["method"].startswith("apb")})
         print("\napb layouts (method, H, anchor, passing, auto_exact): " + "; ".join(map(str, layouts)))
+    print("\n" + pooled(rows))
+
+
+def pooled(rows: list[dict]) -> str:
+    """Each non-full method's Δ vs full pooled over every (length, hosts, task) it ran: the mean of the task
+    deltas and its 95% stratified, paired bootstrap interval."""
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_key[(row["length"], row["hosts"], row["task"], row["method"])].append(row)
+    parts = []
+    for method in sorted({k[3] for k in by_key if k[3] != "full"}):
+        strata = [stats.paired_units(group, by_key[(n, h, t, "full")])
+                  for (n, h, t, m), group in sorted(by_key.items()) if m == method and (n, h, t, "full") in by_key]
+        if strata:
+            lo, hi = stats.bootstrap_ci(strata, f"pooled|{method}", stats.ROUNDS)
+            parts.append(f"{method} {stats.stratified_mean(strata):+.1f} [{lo:+.1f}, {hi:+.1f}] ({len(strata)} strata)")
+    return "pooled Δ vs full over every (length, H, task): " + "; ".join(parts)
 
 
 if __name__ == "__main__":
