@@ -33,12 +33,6 @@ def _label(row: dict) -> str:
     return "apb[" + ",".join(f"{k}={v}" for k, v in sorted(ablation.items())) + "]"
 
 
-def _correct(rows: list[dict], cell) -> int:
-    """Correct answers of a cell that recorded cite_hit (the denominator of its cite_hit)."""
-    return sum(1 for r in rows if (r["length"], r["task"], r["method"], r["hosts"]) ==
-               (cell.length, cell.task, cell.method, cell.hosts) and r["correct"] and r.get("cite_hit") is not None)
-
-
 def _fmt(cell, method: str, bold: bool = False) -> str:
     """accuracy, with the gap to full for other methods; '-' where the cell did not run."""
     if cell is None:
@@ -113,16 +107,14 @@ def main(argv: list[str]) -> None:
         print("| Δ 95% CI | | " + " | ".join(_ci(avg.get(mh), "delta_ci") for mh in columns) + " |")
         print("| target ≥ −1 | | " + " | ".join((avg[mh].target or "") if mh in avg else "" for mh in columns) + " |")
         print("| answers | | " + " | ".join(str(avg[mh].samples) if mh in avg else "" for mh in columns) + " |")
-        hits = {mh: [c for c in cells if c.length == length and (c.method, c.hosts) == mh and c.cite_hit is not None]
-                for mh in columns}
-        if any(hits.values()):
-            def _hit(group) -> str:
-                if not group:
-                    return ""
-                n = sum(round(c.cite_hit / 100 * _correct(rows, c)) for c in group)
-                d = sum(_correct(rows, c) for c in group)
-                return f"{100 * n / d:.1f} ({n}/{d})" if d else ""
-            print("| cite_hit (correct needle answers) | | " + " | ".join(_hit(hits[mh]) for mh in columns) + " |")
+        hits: dict[tuple[str, int], list[float]] = defaultdict(list)  # cite_hit of the correct answers
+        for row in rows:
+            if row["length"] == length and row["correct"] and row.get("cite_hit") is not None:
+                hits[(row["method"], row["hosts"])].append(row["cite_hit"])
+        if hits:
+            cited = [f"{100 * sum(v) / len(v):.1f} ({sum(v):g}/{len(v)})" if (v := hits.get(mh)) else ""
+                     for mh in columns]
+            print("| cite_hit (correct needle answers) | | " + " | ".join(cited) + " |")
         prefill: dict[tuple[str, int], list[float]] = defaultdict(list)
         for row in rows:
             if row["length"] == length and row.get("reused_from_hosts") is None:
