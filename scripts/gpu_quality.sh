@@ -11,6 +11,9 @@
 #   scripts/gpu_quality.sh measure            (after prepare, GPU otherwise idle) serve's time to first token for
 #                                             a cached document (scripts/gpu_serve_ttft.py; fastapi/uvicorn wheels
 #                                             in .gpu/serve) and bench's --cite decode cost, one pair
+#   scripts/gpu_quality.sh cite [PAIRS]       (GPU otherwise idle, no model needed) bench's --cite decode cost:
+#                                             PAIRS alternating pairs (order flipped every other pair), 8B shape,
+#                                             32K, single and APB on 2 in-process hosts; rows in one tarball
 #   scripts/gpu_quality.sh jobs               every (length, method, H) cell side by side, resumable
 #                                             (scripts/gpu_eval_jobs.py; rows kept in /tmp/keep/rows)
 #   scripts/gpu_quality.sh faults             (2 GPUs, after prepare) a rank hung in prefill / in decode over
@@ -86,6 +89,32 @@ measure)
         echo "bench ${cite:-plain} exit $?"; tail -n 6 "$OUT/bench_cite${cite}.log"
     done
     ;;
+cite)
+    PAIRS=${2:-3}
+    mkdir -p "$OUT/cite"
+    for i in $(seq 1 "$PAIRS"); do
+        if [ $((i % 2)) -eq 1 ]; then order="plain cite"; else order="cite plain"; fi
+        for kind in $order; do
+            flag=""; [ "$kind" = cite ] && flag=--cite
+            timeout 150 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 32k --hosts 2 \
+                --workers 1 --methods single,apb --repeat 1 --decode-tokens 128 --breakdown none --json $flag \
+                > "$OUT/cite/pair${i}_$kind.json" 2> "$OUT/cite/pair${i}_$kind.log"
+            echo "pair $i $kind exit $?"
+        done
+    done
+    $PY - "$OUT/cite" <<'EOF'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("pair*.json")):
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError) as err:
+        print(path.name, "unreadable:", err)
+        continue
+    print(path.name, " ".join(f"{r['method']} {r['decode_ms_per_token']:.3f} ms/token cite {r.get('cite_ms')}"
+                              for r in rows))
+EOF
+    tar -czf "$OUT/cite.tgz" -C "$OUT" cite && rm -rf "$OUT/cite"
+    ;;
 jobs)
     END=${END:-$(( $(date +%s) + 580 ))}
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -114,6 +143,6 @@ faults)
     echo "serve under a decode hang: exit $?"; cat "$OUT/fault_serve.log"; tail -n 5 "$OUT/fault_serve.server.log"
     ;;
 *)
-    echo "usage: $0 stash K | prepare | measure | eval LEN SAMPLES | jobs | faults" >&2; exit 2
+    echo "usage: $0 stash K | prepare | measure | cite [PAIRS] | eval LEN SAMPLES | jobs | faults" >&2; exit 2
     ;;
 esac
