@@ -40,7 +40,11 @@ class AttentionMass:
     after `fold`. Holds up to `rows` recorded query rows per cited layer between resets (the query phase's last
     row plus one per decode step: max_new_tokens rows)."""
 
-    FOLD_BYTES = 16 << 20  # fp32 logits per fold chunk (rows are folded in chunks that fit; measured on CPU)
+    # fp32 logits per fold chunk. CPU: 16 MiB stays near the caches (scripts/cite_mass_micro.py). GPU: 16 MiB
+    # meant 32 chunks of a few small kernels per layer, 32 ms per 128-token answer at 32K on one H200; 256 MiB
+    # is one or two chunks per layer at 32K and a transient buffer the size of a few layers' KV at 128K.
+    FOLD_BYTES = 16 << 20
+    FOLD_BYTES_ACCELERATOR = 256 << 20
 
     def __init__(self, block_len: int, layers: tuple[int, ...], device, rows: int) -> None:
         self.block_len = block_len
@@ -98,7 +102,8 @@ class AttentionMass:
             b, hkv, length, d = k_block.shape
             hq = self.q_log.shape[3]
             group = hq // hkv
-            chunk = max(1, self.FOLD_BYTES // max(1, b * hq * length * 4))
+            budget = self.FOLD_BYTES if k_block.device.type == "cpu" else self.FOLD_BYTES_ACCELERATOR
+            chunk = max(1, budget // max(1, b * hq * length * 4))
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 # [r, B, Hq, D] -> [B, Hkv, r*G, D]: query head i reads KV head i // G
