@@ -1,0 +1,86 @@
+"""Where the decode step's small kernels go, and what fusing the RMSNorms buys (one GPU, random weights).
+
+For each variant (`hf`: transformers' RMSNorm modules, 7-8 elementwise kernels each; `fused`: the same norms
+through torch's rms_norm op), prefills `--len` tokens, decodes `--tokens` tokens with the CUDA-graph step and
+prints ms/token (median), the logits' max relative difference from `hf`, and a kernel census of one eager
+static step (kernels per step, the most frequent names). Usage on the device machine:
+`python scripts/gpu_decode_fusion.py --preset llama-3.1-8b --len 32k --tokens 64`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apb_cli.options import parse_tokens  # noqa: E402
+from apb_core import models  # noqa: E402
+from apb_core.models.fused import fuse_norms, unfuse_norms  # noqa: E402
+from apb_core.runtime.engine import HostEngine, register_attention  # noqa: E402
+from scripts.gpu_decode import run  # noqa: E402
+
+
+def census(model, ctx: list[int], query: list[int]) -> dict:
+    engine = HostEngine(model, decode="static")
+    run(engine, ctx, query, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.step_token(query[0], len(ctx) + len(query) + 4)
+        torch.cuda.synchronize()
+    engine.release()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: collections.Counter = collections.Counter()
+    time_by: collections.Counter = collections.Counter()
+    for e in kernels:
+        by_name[e.name[:80]] += 1
+        time_by[e.name[:80]] += e.device_time_total
+    return {"kernels": len(kernels), "kernel_us": round(sum(time_by.values()), 1),
+            "top": [(n, c, round(time_by[n], 1)) for n, c in by_name.most_common(12)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--len", default="32k")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    n = parse_tokens(args.len)[0]
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    model = models.build_random_model(args.preset, device, dtype, attn_implementation=register_attention())
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    low, high = min(100, vocab // 4), max(vocab - 300, vocab // 2)
+    ctx = torch.randint(low, high, (n,), generator=g).tolist()
+    query = torch.randint(low, high, (32,), generator=g).tolist()
+    results, ref = {}, None
+    for variant in ("hf", "fused"):
+        fused = fuse_norms(model) if variant == "fused" else 0
+        mode = "graph" if device.type == "cuda" else "static"
+        engine = HostEngine(model, decode=mode)
+        seen, toks, ms = run(engine, ctx, query, args.tokens)
+        engine.release()
+        ref = ref or (seen, toks)
+        agree = next((i for i, (a, b) in enumerate(zip(toks, ref[1], strict=False)) if a != b), len(toks))
+        rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(seen[: agree + 1], ref[0][: agree + 1],
+                                                                      strict=False))
+        row = {"variant": variant, "norms_fused": fused, "ms_per_token": round(ms, 3), "max_rel_logits_vs_hf": rel,
+               "tokens_equal_hf": toks == ref[1]}
+        if device.type == "cuda":
+            row["census"] = census(model, ctx, query)
+            torch.cuda.empty_cache()
+        results[variant] = row
+        print(json.dumps(row), flush=True)
+        unfuse_norms(model)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"preset": args.preset, "len": n, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
