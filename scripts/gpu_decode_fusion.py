@@ -16,14 +16,48 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apb_cli.options import parse_tokens  # noqa: E402
 from apb_core import models  # noqa: E402
-from apb_core.models.fused import fuse_norms, unfuse_norms  # noqa: E402
 from apb_core.runtime.engine import HostEngine, register_attention  # noqa: E402
 from scripts.gpu_decode import run  # noqa: E402
+
+# classes whose forward is weight * (x_fp32 * rsqrt(mean(x_fp32²) + eps)).to(x.dtype) (Gemma's 1 + weight is not)
+FUSABLE = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
+
+
+def _fused_forward(module: torch.nn.Module):
+    weight, eps = module.weight, module.variance_epsilon
+    shape = (weight.shape[-1],)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return weight * F.rms_norm(hidden, shape, None, eps)  # computes in fp32, returns hidden's dtype
+
+    return forward
+
+
+def fuse_norms(model: torch.nn.Module) -> int:
+    """Give every fusable RMSNorm of `model` the fused forward (an instance attribute: `unfuse_norms` undoes
+    it). Returns how many modules changed."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in FUSABLE and "forward" not in vars(module):
+            module.forward = _fused_forward(module)
+            count += 1
+    return count
+
+
+def unfuse_norms(model: torch.nn.Module) -> int:
+    """Back to the modules' own forward. Returns how many modules changed."""
+    count = 0
+    for module in model.modules():
+        if "forward" in vars(module):
+            del module.forward
+            count += 1
+    return count
 
 
 def census(model, ctx: list[int], query: list[int]) -> dict:
