@@ -1,7 +1,8 @@
 """Where the decode step's small kernels go, and what fusing the RMSNorms buys (one GPU, random weights).
 
 For each variant (`hf`: transformers' RMSNorm modules, 7-8 elementwise kernels each; `fused`: the same norms
-through torch's rms_norm op), prefills `--len` tokens, decodes `--tokens` tokens with the CUDA-graph step and
+through torch's rms_norm op; `compiled`: every decoder layer through torch.compile, attention left eager),
+prefills `--len` tokens, decodes `--tokens` tokens with the CUDA-graph step and
 prints ms/token (median), the logits' max relative difference from `hf`, and a kernel census of one eager
 static step (kernels per step, the most frequent names). Usage on the device machine:
 `python scripts/gpu_decode_fusion.py --preset llama-3.1-8b --len 32k --tokens 64`.
@@ -13,6 +14,7 @@ import argparse
 import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +52,20 @@ def fuse_norms(model: torch.nn.Module) -> int:
     return count
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer (inductor, static shapes); the attention hook stays eager (a graph break),
+    so each layer becomes two fused graphs: norm + projections + RoPE, and o_proj + residual + norm + MLP."""
+    from transformers import AttentionInterface
+
+    from apb_core.runtime.engine import ATTN_NAME, apb_attention_hook
+
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    AttentionInterface.register(ATTN_NAME, torch.compiler.disable(apb_attention_hook))
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+    return len(model.model.layers)
+
+
 def unfuse_norms(model: torch.nn.Module) -> int:
     """Back to the modules' own forward. Returns how many modules changed."""
     count = 0
@@ -83,6 +99,7 @@ def main() -> None:
     ap.add_argument("--len", default="32k")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default="hf,fused,compiled", help="hf, fused (norms), compiled (layers); hf first")
     args = ap.parse_args()
     n = parse_tokens(args.len)[0]
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -94,8 +111,9 @@ def main() -> None:
     ctx = torch.randint(low, high, (n,), generator=g).tolist()
     query = torch.randint(low, high, (32,), generator=g).tolist()
     results, ref = {}, None
-    for variant in ("hf", "fused"):
-        fused = fuse_norms(model) if variant == "fused" else 0
+    for variant in args.variants.split(","):
+        fused = fuse_norms(model) if variant == "fused" else compile_layers(model) if variant == "compiled" else 0
+        t0 = time.perf_counter()
         mode = "graph" if device.type == "cuda" else "static"
         engine = HostEngine(model, decode=mode)
         seen, toks, ms = run(engine, ctx, query, args.tokens)
@@ -104,7 +122,8 @@ def main() -> None:
         agree = next((i for i, (a, b) in enumerate(zip(toks, ref[1], strict=False)) if a != b), len(toks))
         rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(seen[: agree + 1], ref[0][: agree + 1],
                                                                       strict=False))
-        row = {"variant": variant, "norms_fused": fused, "ms_per_token": round(ms, 3), "max_rel_logits_vs_hf": rel,
+        row = {"variant": variant, "changed": fused, "wall_s": round(time.perf_counter() - t0, 1),
+               "ms_per_token": round(ms, 3), "max_rel_logits_vs_hf": rel,
                "tokens_equal_hf": toks == ref[1]}
         if device.type == "cuda":
             row["census"] = census(model, ctx, query)
