@@ -14,6 +14,8 @@
 #   scripts/gpu_quality.sh cite [PAIRS]       (GPU otherwise idle, no model needed) bench's --cite decode cost:
 #                                             PAIRS alternating pairs (order flipped every other pair), 8B shape,
 #                                             32K, single and APB on 2 in-process hosts; rows in one tarball
+#   scripts/gpu_quality.sh smol               the embedded SmolLM2 GGUF (.gpu/s1 + $KEEP/smol_0 from .gpu/s0), one
+#                                             GPU: `faults` with 2 in-process hosts (no NCCL), then serve's TTFT
 #   scripts/gpu_quality.sh jobs               every (length, method, H) cell side by side, resumable
 #                                             (scripts/gpu_eval_jobs.py; rows kept in /tmp/keep/rows)
 #   scripts/gpu_quality.sh faults             (2 GPUs, after prepare) a rank hung in prefill / in decode over
@@ -124,6 +126,16 @@ jobs)
         --parallel "${PARALLEL:-14}" ${ONLY:+--only "$ONLY"}
     kill $SMI; tail -n 40 "$OUT/gpu_util.csv"
     ;;
+smol)
+    cat "$KEEP"/smol_0 .gpu/s1/smol_1 > "$KEEP/smol.gguf" && rm -f "$KEEP"/smol_0
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $KEEP/smol.gguf" | sha256sum -c - || exit 1
+    $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/wheels/*.whl .gpu/serve/*.whl 2>&1 | tail -n 2
+    $PY -c "from apb_core import models; models.prepare(models.resolve_model('$KEEP/smol.gguf'), print)"
+    MODEL=$KEEP/smol.gguf DEVICE=cuda timeout 330 bash "$0" faults
+    timeout 150 $PY scripts/gpu_serve_ttft.py --model "$KEEP/smol.gguf" --device cuda --hosts 2 --workers 1 --hits 5 \
+        --long-tokens 6000 --out "$OUT/serve_ttft_smol.json" > "$OUT/serve_ttft_smol.log" 2>&1
+    echo "serve ttft exit $?"; tail -n 20 "$OUT/serve_ttft_smol.log"
+    ;;
 faults)
     export APB_COLLECTIVE_TIMEOUT=15
     for phase in prefill decode; do
@@ -143,6 +155,6 @@ faults)
     echo "serve under a decode hang: exit $?"; cat "$OUT/fault_serve.log"; tail -n 5 "$OUT/fault_serve.server.log"
     ;;
 *)
-    echo "usage: $0 stash K | prepare | measure | cite [PAIRS] | eval LEN SAMPLES | jobs | faults" >&2; exit 2
+    echo "usage: $0 stash K | prepare | measure | cite [PAIRS] | smol | eval LEN SAMPLES | jobs | faults" >&2; exit 2
     ;;
 esac
