@@ -132,6 +132,7 @@ smol)
     $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/wheels/*.whl .gpu/serve/*.whl 2>&1 | tail -n 2
     $PY -c "from apb_core import models; models.prepare(models.resolve_model('$KEEP/smol.gguf'), print)"
     MODEL=$KEEP/smol.gguf DEVICE=cuda timeout 330 bash "$0" faults
+    [ -n "${FAULTS_ONLY:-}" ] && exit 0
     timeout 150 $PY scripts/gpu_serve_ttft.py --model "$KEEP/smol.gguf" --device cuda --hosts 2 --workers 1 --hits 5 \
         --long-tokens 6000 --out "$OUT/serve_ttft_smol.json" > "$OUT/serve_ttft_smol.log" 2>&1
     echo "serve ttft exit $?"; tail -n 20 "$OUT/serve_ttft_smol.log"
@@ -147,9 +148,10 @@ faults)
         code=$?; t1=$(date +%s.%N)
         hung=$(stat -c %.Y "$marks/$phase-1" 2>/dev/null || echo "$t0")
         sleep 1; left=$(pgrep -fc "apb-worker|apb_cli.main ask" || true)
-        echo "hang in $phase: exit $code, $(echo "$t1 - $hung" | bc) s after the hang ($(echo "$t1 - $t0" | bc) s wall)," \
+        echo "hang in $phase: exit $code, $($PY -c "print(round($t1 - $hung, 1))") s after the hang ($($PY -c "print(round($t1 - $t0, 1))") s wall)," \
              "processes left: $left"; cat "$OUT/fault_$phase.err"
     done
+    [ -n "${FAULTS_ONLY:-}" ] && exit 0
     APB_FAULT="rank=1,phase=decode,kind=hang" timeout 200 $PY scripts/gpu_serve_ttft.py --model "$MODEL" \
         --device "$DEVICE" --hosts 2 --hits 1 --long-tokens 0 --out "$OUT/fault_serve.json" > "$OUT/fault_serve.log" 2>&1
     echo "serve under a decode hang: exit $?"; cat "$OUT/fault_serve.log"; tail -n 5 "$OUT/fault_serve.server.log"
