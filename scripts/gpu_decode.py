@@ -40,6 +40,20 @@ def run(engine: HostEngine, ctx: list[int], query: list[int], tokens: int,
     return seen, out.tokens, statistics.median(out.token_s) * 1e3
 
 
+def random_setup(preset: str, n: int) -> tuple[torch.device, torch.nn.Module, list[int], list[int]]:
+    """A random-weight model of `preset` (bf16 on the GPU, fp32 on CPU, where it only checks the script), n
+    context token ids and 32 query ids drawn away from the special tokens."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    model = models.build_random_model(preset, device, dtype, attn_implementation=register_attention())
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    low, high = min(100, vocab // 4), max(vocab - 300, vocab // 2)
+    ctx = torch.randint(low, high, (n,), generator=g).tolist()
+    query = torch.randint(low, high, (32,), generator=g).tolist()
+    return device, model, ctx, query
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -48,14 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     n = parse_tokens(args.len)[0]
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # CPU: checks the script
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    model = models.build_random_model(args.preset, device, dtype, attn_implementation=register_attention())
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    low, high = min(100, vocab // 4), max(vocab - 300, vocab // 2)
-    ctx = torch.randint(low, high, (n,), generator=g).tolist()
-    query = torch.randint(low, high, (32,), generator=g).tolist()
+    device, model, ctx, query = random_setup(args.preset, n)
     results = {}
     for mode in ("eager", "static", "graph") if device.type == "cuda" else ("eager", "static"):
         engine = HostEngine(model, decode=mode)

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apb_cli.options import parse_tokens  # noqa: E402
-from apb_core import models  # noqa: E402
-from apb_core.runtime.engine import HostEngine, register_attention  # noqa: E402
-from scripts.gpu_decode import run  # noqa: E402
+from apb_core.runtime.engine import HostEngine  # noqa: E402
+from scripts.gpu_decode import random_setup, run  # noqa: E402
 
 # classes whose forward is weight * (x_fp32 * rsqrt(mean(x_fp32²) + eps)).to(x.dtype) (Gemma's 1 + weight is not)
 FUSABLE = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
@@ -102,14 +101,7 @@ def main() -> None:
     ap.add_argument("--variants", default="hf,fused,compiled", help="hf, fused (norms), compiled (layers); hf first")
     args = ap.parse_args()
     n = parse_tokens(args.len)[0]
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    model = models.build_random_model(args.preset, device, dtype, attn_implementation=register_attention())
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    low, high = min(100, vocab // 4), max(vocab - 300, vocab // 2)
-    ctx = torch.randint(low, high, (n,), generator=g).tolist()
-    query = torch.randint(low, high, (32,), generator=g).tolist()
+    device, model, ctx, query = random_setup(args.preset, n)
     results, ref = {}, None
     for variant in args.variants.split(","):
         fused = fuse_norms(model) if variant == "fused" else compile_layers(model) if variant == "compiled" else 0
