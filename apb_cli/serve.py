@@ -87,6 +87,9 @@ def run_serve(host: str, port: int, model: str | None, hosts: int | None, device
                       threads=threads, workers=placed.workers)
     print(f"apb: loading the model on {hosts} host(s) ({device}) ...", file=sys.stderr, flush=True)
     engine = ServeEngine(base, int(cache_gib * 2**30), max_queue).open()
+    if engine.warm_up_s is not None:
+        print(f"apb: warmed up in {engine.warm_up_s:.1f} s (one short question through prefill and decode)",
+              file=sys.stderr, flush=True)
     try:
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame) -> None:  # the first SIGTERM/SIGINT: in-flight work ends now

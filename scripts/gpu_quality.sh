@@ -131,10 +131,10 @@ smol)
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $KEEP/smol.gguf" | sha256sum -c - || exit 1
     $PY -m pip install -q --no-deps --no-index --target "$KEEP/py" .gpu/wheels/*.whl .gpu/serve/*.whl 2>&1 | tail -n 2
     $PY -c "from apb_core import models; models.prepare(models.resolve_model('$KEEP/smol.gguf'), print)"
-    MODEL=$KEEP/smol.gguf DEVICE=cuda timeout 330 bash "$0" faults
+    [ -n "${SERVE_ONLY:-}" ] || MODEL=$KEEP/smol.gguf DEVICE=cuda timeout 330 bash "$0" faults
     [ -n "${FAULTS_ONLY:-}" ] && exit 0
     timeout 150 $PY scripts/gpu_serve_ttft.py --model "$KEEP/smol.gguf" --device cuda --hosts 2 --workers 1 --hits 5 \
-        --long-tokens 6000 --out "$OUT/serve_ttft_smol.json" > "$OUT/serve_ttft_smol.log" 2>&1
+        --long-tokens "${LONG_TOKENS:-3000}" --out "$OUT/serve_ttft_smol.json" > "$OUT/serve_ttft_smol.log" 2>&1
     echo "serve ttft exit $?"; tail -n 20 "$OUT/serve_ttft_smol.log"
     ;;
 faults)

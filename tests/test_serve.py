@@ -106,9 +106,12 @@ def _chat(question: str, document: str = DOCUMENT, **extra) -> dict:
 
 
 def test_health_and_models(server):
+    """Ready after the warm-up (one short question before the first request), which counts in no cache stat."""
     _, client = server
     health = client.get("/health").json()
     assert health["status"] == "ready"
+    assert health["warm_up_s"] > 0
+    assert (health["cache"]["hits"], health["cache"]["misses"], health["cache"]["entries"]) == (0, 0, 0)
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == health["model"]
 

@@ -85,7 +85,7 @@ def create_app(engine: ServeEngine, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         body = {"status": engine.state, "model": engine.model_name, "waiting": engine.pending,
-                "restarts": engine.restarts, "cache": engine.cache.stats()}
+                "restarts": engine.restarts, "warm_up_s": engine.warm_up_s, "cache": engine.cache.stats()}
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])

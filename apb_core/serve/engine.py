@@ -31,6 +31,10 @@ from apb_core.runtime.prompt import Prompt, build_prompts
 from apb_core.runtime.reuse import ServeJob, needed_tokens, room_tokens
 from apb_core.serve.cache import CachePlan, DocumentCache, DocumentTokens, Entry, cache_key, kv_bytes
 
+# the warm-up's prompt: ~150 tokens, short enough for any model's window and split over up to 8 hosts
+WARM_UP_DOCUMENT = "The server warms up before its first request: one short prefill and two decode steps.\n" * 8
+WARM_UP_QUESTION = "What does the server do before its first request?"
+
 
 class Busy(ApbError):
     """The request queue is full (503)."""
@@ -95,8 +99,9 @@ class ServeResult:
 class ServeEngine:
     """`base` gives the model, hosts, device and default settings; `open()` loads (blocking) and starts the thread."""
 
-    def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16) -> None:
-        self.base, self.max_queue = base, max_queue
+    def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16, warm: bool = True) -> None:
+        self.base, self.max_queue, self.warm = base, max_queue, warm
+        self.warm_up_s: float | None = None  # seconds the warm-up took (None: none ran)
         self.cache = DocumentCache(cache_bytes)
         self.tokens = DocumentTokens()  # the same tokenizer across worker restarts: kept
         self.session: Session | None = None
@@ -115,9 +120,29 @@ class ServeEngine:
 
     def open(self) -> ServeEngine:
         self._load()
+        if self.warm:
+            try:
+                self.warm_up_s = self._warm_up()
+            except BaseException:  # the workers end with the error (nothing else would end them)
+                self.close()
+                raise
         self.thread = threading.Thread(target=self._loop, name="apb-serve", daemon=True)
         self.thread.start()
         return self
+
+    def _warm_up(self) -> float | None:
+        """One short question through the whole path (tokenize, prefill, query phase, two decode steps, no cache)
+        before the server says it is ready. Why: the first request otherwise pays the device's one-time costs
+        (kernel and library loading, the first collectives): on one H200 with the embedded model it took 1.65 s
+        to its first token against ~0.5 s for the next ones (docs/benchmarks.md). Returns its seconds, or None
+        when this model or placement cannot take the short prompt (the first request then pays)."""
+        t0 = time.perf_counter()
+        req = dataclasses.replace(self.base, max_new_tokens=2, cite=False)
+        try:
+            self._answer(req, WARM_UP_DOCUMENT, WARM_UP_QUESTION, use_cache=False, warm_up=True)
+        except InputError:
+            return None
+        return time.perf_counter() - t0
 
     def _load(self) -> None:
         session = Session(self.base, self._on_event)
@@ -236,7 +261,7 @@ class ServeEngine:
         self._load()
 
     def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool,
-                reuse: bool = False) -> ServeResult:
+                reuse: bool = False, warm_up: bool = False) -> ServeResult:
         """Tokenize, pick the layout, run the question over a kept document's KV or a new prefill; the cache
         keeps this document when its layout does not read the question (or the request opts in to reuse) and
         its KV fits the limit."""
@@ -245,7 +270,8 @@ class ServeEngine:
         if not question.strip():
             raise InputError("the question (the last user message) is empty")
         prompt = build_prompts(s.tokenizer, document, [question], s.window, req.max_new_tokens, req.truncate,
-                               None, req.system, self.tokens.get(s.tokenizer, document))[0]
+                               None, req.system,
+                               None if warm_up else self.tokens.get(s.tokenizer, document))[0]
         method = resolve_method(req.method, prompt.context_len, s.hosts, req.anchor_len, req.passing_len,
                                 req.compressor, req.question_in_anchor, req.seed, s.dims, req.auto_exact,
                                 req.layout, device=self.base.device)
@@ -258,12 +284,13 @@ class ServeEngine:
         if lead.finish_reason == "cancelled":  # every host stopped at the same token (runtime.generate.decode)
             self.cache.cancelled(plan)
             raise Cancelled()
-        self.cache.done(plan)
+        if not warm_up:
+            self.cache.done(plan)
         timings = {"convert_s": 0.0, "load_s": 0.0, "tokenize_s": tokenize_s, "prefill_s": lead.prefill_s,
                    "query_s": lead.query_s, "decode_s": lead.decode_s,
                    "total_s": time.perf_counter() - t0}
         result = s._result(req, question, prompt, method, timings, [h[0] for h in per_host], False, document)
-        s.prefills += 0 if plan.hit else 1
+        s.prefills += 0 if plan.hit or warm_up else 1
         reused_for = plan.made_for if plan.hit and plan.made_for not in (None, question) else None
         return ServeResult(result, plan.hit, reused_for)
 
