@@ -31,8 +31,10 @@ from apb_core.runtime.prompt import Prompt, build_prompts
 from apb_core.runtime.reuse import ServeJob, needed_tokens, room_tokens
 from apb_core.serve.cache import CachePlan, DocumentCache, DocumentTokens, Entry, cache_key, kv_bytes
 
-# the warm-up's prompt: ~150 tokens, short enough for any model's window and split over up to 8 hosts
-WARM_UP_DOCUMENT = "The server warms up before its first request: one short prefill and two decode steps.\n" * 8
+# the warm-up's prompt: a line of ~17 tokens, 8 times on CPU (~150 tokens); on a GPU 16 lines per host, so
+# that every host's block has more rows than CUDA_FEW_ROWS and the prefill's attention loads the library that
+# serves long blocks (cuDNN), as a real document's does
+WARM_UP_LINE = "The server warms up before its first request: one short prefill and two decode steps.\n"
 WARM_UP_QUESTION = "What does the server do before its first request?"
 
 
@@ -134,12 +136,14 @@ class ServeEngine:
         """One short question through the whole path (tokenize, prefill, query phase, two decode steps, no cache)
         before the server says it is ready. Why: the first request otherwise pays the device's one-time costs
         (kernel and library loading, the first collectives): on one H200 with the embedded model it took 1.65 s
-        to its first token against ~0.5 s for the next ones (docs/benchmarks.md). Returns its seconds, or None
+        to its first token against ~0.5 s for the next ones, and still 1.85 s after a warm-up too short to reach
+        cuDNN (docs/benchmarks.md). Returns its seconds, or None
         when this model or placement cannot take the short prompt (the first request then pays)."""
         t0 = time.perf_counter()
         req = dataclasses.replace(self.base, max_new_tokens=2, cite=False)
+        lines = 8 if self.base.device == "cpu" else 16 * self.session.hosts
         try:
-            self._answer(req, WARM_UP_DOCUMENT, WARM_UP_QUESTION, use_cache=False, warm_up=True)
+            self._answer(req, WARM_UP_LINE * lines, WARM_UP_QUESTION, use_cache=False, warm_up=True)
         except InputError:
             return None
         return time.perf_counter() - t0
