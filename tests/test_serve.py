@@ -593,3 +593,41 @@ def test_a_full_queue_is_busy():
     engine.pending = 2
     with pytest.raises(Busy, match="2 requests are waiting"):
         engine.submit(None, engine.base, "doc", "q", True)
+
+
+def test_warm_up_skips_a_prompt_the_model_cannot_take_and_ends_the_workers_on_failure(monkeypatch):
+    """The warm-up before ready: a prompt the model refuses (InputError, e.g. a tiny window) leaves the server
+    ready without it (warm_up_s None); any other failure ends the workers (close) and reaches the caller, which
+    reports it as one line."""
+    from apb_core.api import AskRequest
+    from apb_core.errors import InputError, WorkerError
+    from apb_core.serve.engine import ServeEngine
+
+    class FakeSession:
+        hosts = 2
+
+        def __init__(self) -> None:
+            self.exited = False
+
+        def __exit__(self, *exc) -> None:
+            self.exited = True
+
+    sessions: list[FakeSession] = []
+
+    def load(self) -> None:
+        sessions.append(FakeSession())
+        self.session, self.state = sessions[-1], "ready"
+
+    monkeypatch.setattr(ServeEngine, "_load", load)
+    monkeypatch.setattr(ServeEngine, "_answer", lambda self, *a, **k: (_ for _ in ()).throw(InputError("window")))
+    engine = ServeEngine(AskRequest(document="", questions=[]), cache_bytes=0).open()
+    try:
+        assert engine.state == "ready" and engine.warm_up_s is None and not sessions[-1].exited
+    finally:
+        engine.close()
+    assert sessions[-1].exited
+
+    monkeypatch.setattr(ServeEngine, "_answer", lambda self, *a, **k: (_ for _ in ()).throw(WorkerError("oom")))
+    with pytest.raises(WorkerError, match="oom"):
+        ServeEngine(AskRequest(document="", questions=[]), cache_bytes=0).open()
+    assert sessions[-1].exited
