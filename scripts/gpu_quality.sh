@@ -10,7 +10,7 @@
 #                                             then full, star and apb at H = 2, 4, 8 on those, SAMPLES each
 #   scripts/gpu_quality.sh measure            (after prepare, GPU otherwise idle) serve's time to first token for
 #                                             a cached document (scripts/gpu_serve_ttft.py; fastapi/uvicorn wheels
-#                                             in .gpu/serve) and bench's --cite decode cost, one pair
+#                                             in .gpu/serve) and bench's --cite decode cost, one pair (`cite 1`)
 #   scripts/gpu_quality.sh cite [PAIRS]       (GPU otherwise idle, no model needed) bench's --cite decode cost:
 #                                             PAIRS alternating pairs (order flipped every other pair), 8B shape,
 #                                             32K, single and APB on 2 in-process hosts; rows in one tarball
@@ -89,12 +89,7 @@ measure)
     timeout 200 $PY scripts/gpu_serve_ttft.py --model "$MODEL" --device cuda --hosts 2 --workers 1 --hits 5 \
         --long-tokens 16384 --out "$OUT/serve_ttft.json" > "$OUT/serve_ttft.log" 2>&1
     echo "serve ttft exit $?"; cat "$OUT/serve_ttft.log"
-    for cite in "" --cite; do
-        timeout 150 $PY -m apb_cli.main bench --device cuda --preset llama-3.1-8b --len 32k --hosts 2 --workers 1 \
-            --methods single,apb --repeat 1 --decode-tokens 128 --breakdown none --json $cite \
-            > "$OUT/bench_cite${cite}.json" 2> "$OUT/bench_cite${cite}.log"
-        echo "bench ${cite:-plain} exit $?"; tail -n 6 "$OUT/bench_cite${cite}.log"
-    done
+    bash "$0" cite 1
     ;;
 cite)
     PAIRS=${2:-3}

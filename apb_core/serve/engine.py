@@ -101,8 +101,8 @@ class ServeResult:
 class ServeEngine:
     """`base` gives the model, hosts, device and default settings; `open()` loads (blocking) and starts the thread."""
 
-    def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16, warm: bool = True) -> None:
-        self.base, self.max_queue, self.warm = base, max_queue, warm
+    def __init__(self, base: AskRequest, cache_bytes: int, max_queue: int = 16) -> None:
+        self.base, self.max_queue = base, max_queue
         self.warm_up_s: float | None = None  # seconds the warm-up took (None: none ran)
         self.cache = DocumentCache(cache_bytes)
         self.tokens = DocumentTokens()  # the same tokenizer across worker restarts: kept
@@ -122,12 +122,11 @@ class ServeEngine:
 
     def open(self) -> ServeEngine:
         self._load()
-        if self.warm:
-            try:
-                self.warm_up_s = self._warm_up()
-            except BaseException:  # the workers end with the error (nothing else would end them)
-                self.close()
-                raise
+        try:
+            self.warm_up_s = self._warm_up()
+        except BaseException:  # the workers end with the error (nothing else would end them)
+            self.close()
+            raise
         self.thread = threading.Thread(target=self._loop, name="apb-serve", daemon=True)
         self.thread.start()
         return self
@@ -137,8 +136,8 @@ class ServeEngine:
         before the server says it is ready. Why: the first request otherwise pays the device's one-time costs
         (kernel and library loading, the first collectives): on one H200 with the embedded model it took 1.65 s
         to its first token against ~0.5 s for the next ones, and still 1.85 s after a warm-up too short to reach
-        cuDNN (docs/benchmarks.md). Returns its seconds, or None
-        when this model or placement cannot take the short prompt (the first request then pays)."""
+        cuDNN (docs/benchmarks.md). Returns its seconds, or None when this model or placement cannot take the
+        short prompt (the first request then pays)."""
         t0 = time.perf_counter()
         req = dataclasses.replace(self.base, max_new_tokens=2, cite=False)
         lines = 8 if self.base.device == "cpu" else 16 * self.session.hosts
