@@ -33,9 +33,12 @@ class Session:
     """Tokenizer + H hosts with the model loaded once; `answer()` any number of (document, question) pairs.
 
     `request` supplies the model, hosts, device and defaults; its document/questions are not used here.
+    `start_method`: how the worker processes start (apb_core.dist.launcher.default_start_method says when a
+    caller needs forkserver).
     """
 
-    def __init__(self, request: AskRequest, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, request: AskRequest, on_event: Callable[[Event], None] | None = None,
+                 start_method: str | None = None) -> None:
         from apb_core import models
 
         self.request = request
@@ -59,7 +62,7 @@ class Session:
         import transformers  # noqa: F401  (imported before a fork, the workers inherit it instead of importing it)
 
         self.emit(Event("phase", phase="load"))
-        self.runner = start_hosts(spec, self.hosts, self.emit, self.workers).start()
+        self.runner = start_hosts(spec, self.hosts, self.emit, self.workers, start_method).start()
         try:
             self.emit(Event("phase", phase="tokenize"))
             t0 = time.perf_counter()

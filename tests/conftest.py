@@ -80,11 +80,13 @@ class Call:
 
 def run_hosts(fn: Callable, hosts: int, *args) -> list:
     """fn(rank, hosts, *args) in `hosts` gloo worker processes started by the product's launcher; returns the
-    results in rank order. A worker that raises ends the run with WorkerError (one line)."""
+    results in rank order. A worker that raises ends the run with WorkerError (one line). forkserver: this
+    process has run torch compute on several threads, after which a forked worker can hang in its first kernel
+    (apb_core.dist.launcher.default_start_method)."""
     from apb_core.dist.launcher import Workers
     from apb_core.dist.worker import WorkerSpec
 
-    with Workers(WorkerSpec(preset="tiny", device="cpu", threads=1), hosts) as workers:
+    with Workers(WorkerSpec(preset="tiny", device="cpu", threads=1), hosts, start_method="forkserver") as workers:
         return workers.run(Call(fn, args))
 
 

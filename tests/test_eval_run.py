@@ -74,7 +74,7 @@ class _FakeSession:
 
     calls: list[tuple[int, AskRequest]] = []
 
-    def __init__(self, request: Any, on_event: Any = None) -> None:
+    def __init__(self, request: Any, on_event: Any = None, start_method: str | None = None) -> None:
         from apb_core import models
 
         self.hosts = request.hosts

@@ -122,6 +122,7 @@ def start_apb(
     *args: str,
     fault: str | None = None,
     collective_timeout: float = HANG_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
 ) -> Run:
     tag = uuid.uuid4().hex
     markers = tmp_path / "markers"
@@ -135,6 +136,7 @@ def start_apb(
     )
     if fault:
         env["APB_FAULT"] = fault
+    env.update(extra_env or {})
     err, out = tmp_path / "stderr", tmp_path / "stdout"
     cmd = [
         sys.executable,
@@ -293,9 +295,12 @@ def test_signal_stops_every_worker(sig, phase, tmp_path, tiny_model_dir, doc):
     TIMINGS.append((f"{sig} in {phase}", str(code), run.exited_at - sent, gone - sent))
 
 
-def test_workers_die_with_a_killed_apb(tmp_path, tiny_model_dir, doc):
-    """SIGKILL leaves apb no chance to stop its workers: they notice their parent is gone by themselves."""
-    run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=1,phase=prefill,kind=hang", collective_timeout=120)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_workers_die_with_a_killed_apb(start_method, tmp_path, tiny_model_dir, doc):
+    """SIGKILL leaves apb no chance to stop its workers: they notice their parent is gone by themselves (under
+    forkserver their parent is the fork server, which ends with apb)."""
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=1,phase=prefill,kind=hang", collective_timeout=120,
+                    extra_env={"APB_START_METHOD": start_method})
     run.wait_marker("prefill-1")
     run.wait_marker("prefill-0")
     time.sleep(0.3)
@@ -304,7 +309,21 @@ def test_workers_die_with_a_killed_apb(tmp_path, tiny_model_dir, doc):
     code = run.wait(timeout=GONE_S)
     gone = run.wait_gone(timeout=5.0)
     assert code == -signal.SIGKILL
-    TIMINGS.append(("SIGKILL apb in prefill", str(code), run.exited_at - sent, gone - sent))
+    TIMINGS.append((f"SIGKILL apb in prefill ({start_method})", str(code), run.exited_at - sent, gone - sent))
+
+
+def test_stuck_worker_writes_its_stack_under_debug(tmp_path, tiny_model_dir, doc):
+    """APB_DEBUG=1: before the launcher ends a stuck worker, the worker writes every thread's Python stack to
+    stderr, which shows where it hangs (here: the injected hang's sleep in apb_core/dist/faults.py)."""
+    run = start_apb(tmp_path, tiny_model_dir, doc, fault="rank=1,phase=prefill,kind=hang",
+                    extra_env={"APB_DEBUG": "1"})
+    code = run.wait(timeout=90.0)
+    run.wait_gone()
+    err = run.stderr()
+    assert code == 1
+    assert "apb: error: worker 1 is stuck" in err, err
+    assert "Current thread" in err and "most recent call first" in err, err
+    assert re.search(r'File ".*apb_core/dist/faults\.py", line \d+ in fire', err), err
 
 
 # -- absurd numbers reach the real engine ------------------------------------------------------------------------

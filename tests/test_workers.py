@@ -90,10 +90,10 @@ def test_two_workers_of_two_hosts_equal_four_workers() -> None:
     ctx, query = tokens(31, 200), tokens(32, 8)
     job = AnswerJob((ctx, query, METHODS[:3], query[:4], 0, query[:4]))
     spec = WorkerSpec(preset="tiny", device="cpu", threads=1)
-    with Workers(spec, 4, workers=2) as workers:
+    with Workers(spec, 4, start_method="forkserver", workers=2) as workers:
         assert len(workers.procs) == 2
         got = workers.run(job)
-    with Workers(spec, 4) as workers:
+    with Workers(spec, 4, start_method="forkserver") as workers:
         want = workers.run(job)
     assert_same(got, want)
 

@@ -7,7 +7,7 @@ set by a caller after import (bench's long collective timeout) is never missed b
 |-------------------------|-----------------------------------------------------------------------------|
 | APB_COLLECTIVE_TIMEOUT  | seconds a worker waits in one collective before the run fails (default 60)  |
 | APB_DEBUG=1             | workers keep their stderr; unexpected errors print a traceback               |
-| APB_START_METHOD        | multiprocessing start method for CPU workers (default fork on Linux)         |
+| APB_START_METHOD        | multiprocessing start method of the workers (launcher.default_start_method)  |
 | APB_FAULT               | fault injection for the reliability tests (apb_core.dist.faults)             |
 | APB_FAULT_MARKER        | directory where every fault point writes a marker (reliability tests)        |
 | APB_CACHE_DIR           | where converted GGUF models are kept (default $XDG_CACHE_HOME/apb, ~/.cache) |

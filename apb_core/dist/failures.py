@@ -81,13 +81,15 @@ def describe_oom(exc: BaseException, rank: int, hosts: int, engine, context: int
 
 
 def describe(exc: BaseException, env: Env) -> str:
-    """One line for a worker's failure (the whole traceback with APB_DEBUG)."""
+    """One line for a worker's failure (followed by the whole traceback with APB_DEBUG)."""
+    first = (str(exc).splitlines() or [""])[0]
+    if isinstance(exc, RuntimeError) and "timed out" in first.lower():  # gloo/NCCL collective timeout
+        line = (f"timed out after {env.collective_timeout_s:g} s waiting for another worker in a collective "
+                "(it is stuck or died; APB_COLLECTIVE_TIMEOUT sets the limit)")
+    else:
+        line = f"{type(exc).__name__}: {first[:300]}"
     if env.debug:
         import traceback
 
-        return "".join(traceback.format_exception(exc))
-    first = (str(exc).splitlines() or [""])[0]
-    if isinstance(exc, RuntimeError) and "timed out" in first.lower():  # gloo/NCCL collective timeout
-        return (f"timed out after {env.collective_timeout_s:g} s waiting for another worker in a collective "
-                "(it is stuck or died; APB_COLLECTIVE_TIMEOUT sets the limit)")
-    return f"{type(exc).__name__}: {first[:300]}"
+        return line + "\n" + "".join(traceback.format_exception(exc))
+    return line

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from apb_core.api import Event
 from apb_core.dist.failures import OOM_EXIT_CODE, describe_oom, is_oom
-from apb_core.dist.worker import WorkerSpec, device_for, init_group, load_hosts, worker_main
+from apb_core.dist.worker import STACK_SIGNAL, WorkerSpec, device_for, init_group, load_hosts, worker_main
 from apb_core.errors import WorkerError
 
 POLL_S = 0.1
@@ -41,8 +41,12 @@ def free_port() -> int:
 def default_start_method(device: str) -> str:
     """fork on Linux: workers start in milliseconds with torch and transformers already imported (on the GPU
     machine, where imports read a slow file system, spawned workers spent most of their 17 s start importing).
-    This process runs no torch compute (the GGUF conversion runs in its own process) and never creates a CUDA
-    context, which would not survive a fork: where one exists already (a library caller), spawn."""
+    That needs a launcher that has run no torch compute and creates no CUDA context before it forks: a CUDA
+    context does not survive a fork (where one exists already, spawn), and a process that ran torch's CPU
+    kernels on several threads leaves OpenMP/MKL state that can hang a forked child in its first kernel (seen:
+    a worker stuck in einsum). `apb ask` and `apb bench` fork before any compute (the GGUF conversion runs in
+    its own process); a long-lived launcher that computes between starts (`apb serve`, the tests) passes
+    forkserver: workers fork from a clean server process that imported the worker module once."""
     if not sys.platform.startswith("linux"):
         return "spawn"
     if device == "cuda":
@@ -73,8 +77,11 @@ class Workers:
         self.per_worker = hosts // self.workers
         self.timeout_s = spec.env.collective_timeout_s
         self.on_event = on_event or (lambda e: None)
-        method = start_method or spec.env.start_method or default_start_method(spec.device)
+        # APB_START_METHOD (the user's) over the caller's choice over the default
+        method = spec.env.start_method or start_method or default_start_method(spec.device)
         self.ctx = mp.get_context(method)
+        if method == "forkserver":
+            self.ctx.set_forkserver_preload(["apb_core.dist.worker"])
         self.cancel = self.ctx.Event()
         self.procs: list[mp.process.BaseProcess] = []
         self.load_s: list[float] = [0.0] * hosts
@@ -163,6 +170,7 @@ class Workers:
         timeout, to follow."""
         if time.monotonic() - first_at > max(self.timeout_s, first_took):
             missing = [r for r in range(self.hosts) if r not in got]
+            self._dump_stacks(missing)
             self.stop()
             what = "loading the model" if kind == "ready" else "answering"
             raise WorkerError(
@@ -178,6 +186,7 @@ class Workers:
         lead = max(layers)
         for rank, done in enumerate(layers):
             if lead - done >= 2 and time.monotonic() - moved[rank] > self.timeout_s:
+                self._dump_stacks([rank])
                 self.stop()
                 raise WorkerError(
                     f"worker {rank} is stuck: no progress for {self.timeout_s:g} s at prefill layer {done} "
@@ -191,6 +200,7 @@ class Workers:
         phase follows) and every token, and a token takes milliseconds: nothing new for the collective timeout
         (plus DECODE_GRACE_S) means a stuck worker."""
         if token_at is not None and time.monotonic() - token_at > self.timeout_s + DECODE_GRACE_S:
+            self._dump_stacks(range(self.hosts))
             self.stop()
             raise WorkerError(
                 f"a worker is stuck: no answer token for {self.timeout_s + DECODE_GRACE_S:g} s in decode "
@@ -237,6 +247,8 @@ class Workers:
             died = self._died(silent[0])
             self.stop()
             raise died
+        if waiting and stuck:
+            self._dump_stacks(stuck)
         self.stop()
         if waiting and stuck:
             raise WorkerError(
@@ -246,6 +258,19 @@ class Workers:
         oom = sorted(r for r, t in errors.items() if r != rank and t.startswith("out of memory"))
         also = f" (host(s) {', '.join(map(str, oom))} ran out too)" if text.startswith("out of memory") and oom else ""
         raise WorkerError(f"worker {rank} failed: {text}{also}")
+
+    def _dump_stacks(self, ranks) -> None:
+        """Have the workers of `ranks` (stuck ones) write their Python stacks to stderr before they are ended:
+        what a user who reports a hang (under APB_DEBUG=1, where workers keep their stderr) can send us."""
+        if not self.spec.env.debug:
+            return
+        for index in sorted({r // self.per_worker for r in ranks}):
+            if self.procs[index].exitcode is None:
+                try:
+                    os.kill(self.procs[index].pid, STACK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.5)
 
     def _check_alive(self) -> None:
         for index, p in enumerate(self.procs):
@@ -344,9 +369,9 @@ class InlineHost:
 
 
 def start_hosts(spec: WorkerSpec, hosts: int, on_event: Callable[[Event], None] | None = None,
-                workers: int | None = None) -> Workers | InlineHost:
+                workers: int | None = None, start_method: str | None = None) -> Workers | InlineHost:
     """The runner for `hosts` hosts: this process for one host or under torchrun, else `workers` worker
-    processes (default: one per host)."""
+    processes (default: one per host) started with `start_method` (default: `default_start_method`)."""
     if hosts == 1 or spec.env.torchrun is not None:
         return InlineHost(spec, on_event)
-    return Workers(spec, hosts, on_event, workers=workers)
+    return Workers(spec, hosts, on_event, start_method, workers)

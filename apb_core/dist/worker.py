@@ -12,6 +12,7 @@ Messages to the launcher on `events`: ("ready", rank, load_s) | ("event", Event)
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -30,6 +31,7 @@ from apb_core.dist.failures import OOM_EXIT_CODE, describe, describe_oom, is_oom
 from apb_core.dist.faults import Faults
 
 PARENT_POLL_S = 0.2  # how soon a worker notices that its launcher is gone
+STACK_SIGNAL = signal.SIGUSR1  # a worker writes every thread's Python stack to its stderr (APB_DEBUG=1 keeps it)
 
 
 @dataclass
@@ -209,20 +211,24 @@ def follow_parent(debug: bool) -> None:
     """Make this worker mind its launcher: Ctrl-C in a terminal reaches the whole process group, and only the
     launcher acts on it (it ends the workers with SIGTERM, whose default action works even inside a blocking
     collective); a forked worker must also drop the launcher's Python handlers. Its stderr goes to /dev/null
-    unless `debug` (APB_DEBUG=1). A daemon thread ends the worker when the launcher is gone (SIGKILLed
-    launchers cannot stop their workers)."""
+    unless `debug` (APB_DEBUG=1), where the launcher has a stuck worker write its stacks (STACK_SIGNAL) before
+    it ends it. A daemon thread ends the worker when the launcher is gone (SIGKILLed launchers cannot stop
+    their workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.register(STACK_SIGNAL, all_threads=True)  # the launcher's dump of a stuck worker (to fd 2)
     if not debug:
         # torch's C++ side (NCCL's watchdog and heartbeat monitor, TCPStore, gloo) writes warnings and stack
         # dumps straight to fd 2 when a peer goes away; the launcher reports a failure as one line instead
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-    parent = mp.parent_process()
-    if parent is None:
+    if mp.parent_process() is None:
         return
-    launcher = parent.pid
+    release_fork_server()
+    # the process that started this one: the launcher (fork, spawn) or multiprocessing's fork server
+    # (forkserver), which exits when the launcher does
+    launcher = os.getppid()
 
     def watch() -> None:
         while os.getppid() == launcher:  # reparented to init (or a subreaper) once the launcher dies
@@ -230,3 +236,21 @@ def follow_parent(debug: bool) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="apb-parent-watch", daemon=True).start()
+
+
+def release_fork_server() -> None:
+    """Close this worker's copy of the fork server's liveness pipe. multiprocessing hands it to every process
+    the server starts (so that they may start processes of their own), and the server runs until every copy is
+    closed: a worker holding one keeps the server alive after its launcher is SIGKILLed, and the server, its
+    parent, keeps the worker from noticing. Workers start no processes. A forked worker holds the launcher's
+    copy, if any: closing it is as right."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)  # multiprocessing's own (private) state, read defensively
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None

@@ -256,7 +256,8 @@ def run_eval(
             request = AskRequest(document="", questions=[], model=config.model, hosts=hosts, device=config.device,
                                  seed=config.seed, threads=config.threads, retaining_heads=config.retaining_heads,
                                  workers=workers)
-            session = Session(request)
+            # forkserver: this process ran torch compute (citations) before the next host count's workers
+            session = Session(request, start_method="forkserver")
             if not samples:
                 for length in config.lengths:
                     for task in config.tasks:

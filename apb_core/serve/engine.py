@@ -148,7 +148,8 @@ class ServeEngine:
         return time.perf_counter() - t0
 
     def _load(self) -> None:
-        session = Session(self.base, self._on_event)
+        # forkserver: this process runs threads and torch compute (--cite) between worker (re)starts
+        session = Session(self.base, self._on_event, start_method="forkserver")
         session.__enter__()
         self.session, self.state, self.name = session, "ready", session.source.name
 
