@@ -401,13 +401,14 @@ def test_sigterm_exits_cleanly(server):
     pytest.fail("a process of the server is left behind")
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
+def _children(pid: int, field: int = 1) -> list[int]:
+    """The processes whose parent is `pid` (from /proc; field=3: whose session is `pid`'s, zombies aside)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[field]) == pid and stat[0] != "Z":
                     found.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 pass
@@ -415,8 +416,9 @@ def _children(pid: int) -> list[int]:
 
 
 def test_killed_worker_is_503_then_the_server_recovers():
-    """Two CPU hosts (worker processes): SIGKILL one, the next request gets 503, the workers restart, the one
-    after is answered (and kept: asked again, a cache hit); SIGTERM still exits 0."""
+    """Two CPU hosts (worker processes): SIGKILL one, the next request gets 503, the workers restart (from a
+    fork server), the one after is answered (and kept: asked again, a cache hit); SIGTERM still exits 0, and no
+    process of the server's (workers, fork server) outlives it."""
     port = _free_port()
     cmd = [sys.executable, "-m", "apb_cli.main", "serve", "--port", str(port), "--device", "cpu", "--hosts", "2",
            "--threads", "1"]
@@ -455,6 +457,9 @@ def test_killed_worker_is_503_then_the_server_recovers():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert time.monotonic() - t0 < 10
+        while _children(proc.pid, field=3) and time.monotonic() - t0 < 15:
+            time.sleep(0.1)
+        assert not _children(proc.pid, field=3)
         client.join(timeout=10)
         assert replies and replies[0].status_code == 503 and replies[0].json()["error"]["code"] == "stopping"
     finally:

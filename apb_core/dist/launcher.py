@@ -45,8 +45,9 @@ def default_start_method(device: str) -> str:
     context does not survive a fork (where one exists already, spawn), and a process that ran torch's CPU
     kernels on several threads leaves OpenMP/MKL state that can hang a forked child in its first kernel (seen:
     a worker stuck in einsum). `apb ask` and `apb bench` fork before any compute (the GGUF conversion runs in
-    its own process); a long-lived launcher that computes between starts (`apb serve`, the tests) passes
-    forkserver: workers fork from a clean server process that imported the worker module once."""
+    its own process); a launcher that starts workers again after it computed (`apb serve`'s restarts, `apb eval`'s
+    next host count, the tests) passes forkserver: workers fork from a clean server process that imported the
+    worker module once (its first start costs that import: 2 s on a 2-core CPU machine)."""
     if not sys.platform.startswith("linux"):
         return "spawn"
     if device == "cuda":

@@ -256,8 +256,9 @@ def run_eval(
             request = AskRequest(document="", questions=[], model=config.model, hosts=hosts, device=config.device,
                                  seed=config.seed, threads=config.threads, retaining_heads=config.retaining_heads,
                                  workers=workers)
-            # forkserver: this process ran torch compute (citations) before the next host count's workers
-            session = Session(request, start_method="forkserver")
+            # forkserver once this process has run torch compute (citations): a forked worker can hang after it
+            # (apb_core.dist.launcher.default_start_method); the first host count's workers fork
+            session = Session(request, start_method="forkserver" if h_index else None)
             if not samples:
                 for length in config.lengths:
                     for task in config.tasks:

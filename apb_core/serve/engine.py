@@ -147,9 +147,8 @@ class ServeEngine:
             return None
         return time.perf_counter() - t0
 
-    def _load(self) -> None:
-        # forkserver: this process runs threads and torch compute (--cite) between worker (re)starts
-        session = Session(self.base, self._on_event, start_method="forkserver")
+    def _load(self, start_method: str | None = None) -> None:
+        session = Session(self.base, self._on_event, start_method)
         session.__enter__()
         self.session, self.state, self.name = session, "ready", session.source.name
 
@@ -262,7 +261,9 @@ class ServeEngine:
                 old.__exit__(WorkerError, WorkerError("restart"), None)
             except Exception:  # noqa: BLE001 - the old workers are being replaced anyway
                 pass
-        self._load()
+        # forkserver: since the first start this process has tokenized and run torch compute (--cite), after
+        # which a forked worker can hang (apb_core.dist.launcher.default_start_method); the first start forks
+        self._load("forkserver")
 
     def _answer(self, req: AskRequest, document: str, question: str, use_cache: bool,
                 reuse: bool = False, warm_up: bool = False) -> ServeResult:
