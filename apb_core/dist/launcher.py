@@ -250,12 +250,12 @@ class Workers:
             raise died
         if waiting and stuck:
             self._dump_stacks(stuck)
-        self.stop()
-        if waiting and stuck:
+            self.stop()
             raise WorkerError(
                 f"worker {stuck[0]} is stuck: worker {rank} timed out after {self.timeout_s:g} s waiting for "
                 "it in a collective (APB_COLLECTIVE_TIMEOUT sets the limit)"
             )
+        self.stop()
         oom = sorted(r for r, t in errors.items() if r != rank and t.startswith("out of memory"))
         also = f" (host(s) {', '.join(map(str, oom))} ran out too)" if text.startswith("out of memory") and oom else ""
         raise WorkerError(f"worker {rank} failed: {text}{also}")
